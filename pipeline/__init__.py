@@ -1,0 +1,1 @@
+"""Pipeline-parallel training of MLPs on torch.distributed."""

@@ -1,0 +1,254 @@
+"""A typed, validated view of the Hydra config: every bad value is refused here, before any work.
+
+Each error names the key, the value and the fix, on one line (see errors.ConfigError).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
+
+from pipeline.errors import ConfigError
+from pipeline.layers import ACTIVATIONS
+from pipeline.model import DTYPES
+from pipeline.objective import LOSSES
+
+SCHEDULE_NAMES = ("gpipe", "1f1b", "interleaved_1f1b", "zb_h1")
+OPTIMIZERS = ("sgd", "adam")
+DATASETS = ("digits", "synthetic", "npz")
+PARTITIONS = ("uniform", "params")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    in_dim: int | None
+    out_dim: int | None
+    hidden: tuple[int, ...]
+    activation: str
+    bias: bool
+    dtype: str
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    name: str
+    shuffle: bool
+    path: str | None = None  # npz
+    test_path: str | None = None  # npz
+    test_fraction: float = 0.2  # digits, synthetic
+    split_seed: int = 0  # digits
+    n: int = 2048  # synthetic
+    dim: int = 32
+    classes: int = 4
+    noise: float = 0.1
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    name: str
+    lr: float
+    momentum: float = 0.0  # sgd
+    betas: tuple[float, float] = (0.9, 0.999)  # adam
+    eps: float = 1e-8
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    schedule: str
+    microbatches: int
+    virtual_stages: int
+    partition: str | tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int
+    batch_size: int
+    seed: int
+    log_every: int
+    eval_every: int
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    name: str
+    l2: float
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    save_initial: bool
+
+
+@dataclass(frozen=True)
+class DistConfig:
+    backend: str
+    timeout_s: float
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig
+    data: DataConfig
+    optim: OptimConfig
+    pipeline: PipelineConfig
+    train: TrainConfig
+    loss: LossConfig
+    checkpoint: CheckpointConfig
+    dist: DistConfig
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _int(key: str, value: Any, minimum: int = 1) -> int:
+    if not _is_int(value) or value < minimum:
+        raise ConfigError(f"{key}={value!r} must be an integer >= {minimum}; set e.g. {key}={max(minimum, 1)}")
+    return value
+
+
+def _optional_int(key: str, value: Any) -> int | None:
+    return None if value is None else _int(key, value)
+
+
+def _float(key: str, value: Any, positive: bool = False, minimum: float = 0.0) -> float:
+    ok = _is_number(value) and (value > 0 if positive else value >= minimum)
+    if not ok or value != value or value in (float("inf"), float("-inf")):
+        bound = "> 0" if positive else f">= {minimum}"
+        raise ConfigError(f"{key}={value!r} must be a finite number {bound}")
+    return float(value)
+
+
+def _bool(key: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{key}={value!r} must be true or false")
+    return value
+
+
+def _choice(key: str, value: Any, choices: tuple[str, ...] | Mapping[str, Any]) -> str:
+    names = tuple(choices)
+    if value not in names:
+        raise ConfigError(f"{key}={value!r} is unknown; pick one of {', '.join(names)}")
+    return value
+
+
+def _section(raw: Mapping[str, Any], name: str) -> Mapping[str, Any]:
+    section = raw.get(name)
+    if not isinstance(section, Mapping):
+        raise ConfigError(f"config section {name!r} is missing; compose the config from conf/config.yaml")
+    return section
+
+
+def _model(raw: Mapping[str, Any]) -> ModelConfig:
+    hidden = raw.get("hidden")
+    if not isinstance(hidden, (list, tuple)) or not hidden:
+        raise ConfigError(f"model.hidden={hidden!r} must be a non-empty list of widths, e.g. model.hidden=[64]")
+    widths = tuple(_int(f"model.hidden[{i}]", w) for i, w in enumerate(hidden))
+    return ModelConfig(
+        in_dim=_optional_int("model.in_dim", raw.get("in_dim")),
+        out_dim=_optional_int("model.out_dim", raw.get("out_dim")),
+        hidden=widths,
+        activation=_choice("model.activation", raw.get("activation"), ACTIVATIONS),
+        bias=_bool("model.bias", raw.get("bias")),
+        dtype=_choice("model.dtype", raw.get("dtype"), DTYPES),
+    )
+
+
+def _data(raw: Mapping[str, Any]) -> DataConfig:
+    name = _choice("data.name", raw.get("name"), DATASETS)
+    common = dict(name=name, shuffle=_bool("data.shuffle", raw.get("shuffle")))
+    if name == "npz":
+        path = raw.get("path")
+        if not isinstance(path, str) or not path:
+            raise ConfigError(f"data.path={path!r} must name an .npz file with arrays X and y; set data.path=FILE")
+        return DataConfig(**common, path=path, test_path=raw.get("test_path"))
+    fraction = _float("data.test_fraction", raw.get("test_fraction"))
+    if fraction >= 1:
+        raise ConfigError(f"data.test_fraction={fraction} must be below 1; e.g. data.test_fraction=0.2")
+    if name == "digits":
+        return DataConfig(**common, test_fraction=fraction, split_seed=_int("data.split_seed", raw.get("split_seed"), 0))
+    return DataConfig(
+        **common, test_fraction=fraction,
+        n=_int("data.n", raw.get("n"), 2), dim=_int("data.dim", raw.get("dim")),
+        classes=_int("data.classes", raw.get("classes"), 2),
+        noise=_float("data.noise", raw.get("noise")), seed=_int("data.seed", raw.get("seed"), 0),
+    )
+
+
+def _optim(raw: Mapping[str, Any]) -> OptimConfig:
+    name = _choice("optim.name", raw.get("name"), OPTIMIZERS)
+    lr = _float("optim.lr", raw.get("lr"), positive=True)
+    if name == "sgd":
+        return OptimConfig(name, lr, momentum=_float("optim.momentum", raw.get("momentum", 0.0)))
+    betas = raw.get("betas", [0.9, 0.999])
+    if not (isinstance(betas, (list, tuple)) and len(betas) == 2 and all(_is_number(b) and 0 <= b < 1 for b in betas)):
+        raise ConfigError(f"optim.betas={betas!r} must be two numbers in [0, 1), e.g. optim.betas=[0.9,0.999]")
+    return OptimConfig(name, lr, betas=(float(betas[0]), float(betas[1])),
+                       eps=_float("optim.eps", raw.get("eps", 1e-8), positive=True))
+
+
+def _partition(value: Any) -> str | tuple[int, ...]:
+    if isinstance(value, (list, tuple)):
+        return tuple(_int(f"pipeline.partition[{i}]", n) for i, n in enumerate(value))
+    if value not in PARTITIONS:
+        raise ConfigError(f"pipeline.partition={value!r} is unknown; use uniform, params, "
+                          "or a list of layer counts per stage, e.g. pipeline.partition=[2,2]")
+    return value
+
+
+def _pipeline(raw: Mapping[str, Any]) -> PipelineConfig:
+    return PipelineConfig(
+        schedule=_choice("pipeline.schedule", raw.get("schedule"), SCHEDULE_NAMES),
+        microbatches=_int("pipeline.microbatches", raw.get("microbatches")),
+        virtual_stages=_int("pipeline.virtual_stages", raw.get("virtual_stages")),
+        partition=_partition(raw.get("partition", "uniform")),
+    )
+
+
+def _train(raw: Mapping[str, Any]) -> TrainConfig:
+    return TrainConfig(
+        steps=_int("train.steps", raw.get("steps")),
+        batch_size=_int("train.batch_size", raw.get("batch_size")),
+        seed=_int("train.seed", raw.get("seed"), 0),
+        log_every=_int("train.log_every", raw.get("log_every")),
+        eval_every=_int("train.eval_every", raw.get("eval_every")),
+    )
+
+
+def _resolve(cfg: DictConfig) -> Mapping[str, Any]:
+    try:
+        return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    except MissingMandatoryValue as err:
+        raise ConfigError(f"{err.full_key} is required but not set; add {err.full_key}=VALUE") from None
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"the config does not resolve: {str(err).splitlines()[0]}") from None
+
+
+def parse(cfg: DictConfig | Mapping[str, Any]) -> Config:
+    """Check every value and return the typed config; raises ConfigError on the first bad one."""
+    raw = _resolve(cfg) if isinstance(cfg, DictConfig) else cfg
+    loss, checkpoint, dist = _section(raw, "loss"), _section(raw, "checkpoint"), _section(raw, "dist")
+    conf = Config(
+        model=_model(_section(raw, "model")),
+        data=_data(_section(raw, "data")),
+        optim=_optim(_section(raw, "optim")),
+        pipeline=_pipeline(_section(raw, "pipeline")),
+        train=_train(_section(raw, "train")),
+        loss=LossConfig(_choice("loss.name", loss.get("name"), LOSSES), _float("loss.l2", loss.get("l2"))),
+        checkpoint=CheckpointConfig(_bool("checkpoint.save_initial", checkpoint.get("save_initial"))),
+        dist=DistConfig(_choice("dist.backend", dist.get("backend"), ("auto", "gloo", "nccl")),
+                        _float("dist.timeout_s", dist.get("timeout_s"), positive=True)),
+    )
+    if conf.pipeline.microbatches > conf.train.batch_size:
+        raise ConfigError(f"pipeline.microbatches={conf.pipeline.microbatches} exceeds train.batch_size="
+                          f"{conf.train.batch_size}; use at most one micro-batch per example")
+    return conf

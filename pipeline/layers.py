@@ -1,0 +1,114 @@
+"""One MLP layer as the chapter writes it, z = W x (+ b), h = phi(z), with its three operations.
+
+The chain rule of the chapter, for one layer with input x, weight W and activation phi:
+
+    forward        z = W x + b            h = phi(z)
+    grad_input     dJ/dz = dJ/dh (.) phi'(z)          dJ/dx = W^T dJ/dz
+    grad_weight    dJ/dW = dJ/dz x^T                  dJ/db = dJ/dz
+
+Tensors hold a micro-batch as rows, so `W x` is written `x @ W.T` and the outer product
+`dJ/dz x^T` sums over the rows: `dz.T @ x`. The regulariser's share of dJ/dW (lambda W) is
+added once per step by `objective.add_regulariser_grad`, not once per micro-batch.
+No autograd: every derivative below is written by hand (autograd is the oracle in the tests).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+Fn = Callable[[Tensor], Tensor]
+
+
+def _relu(z: Tensor) -> Tensor:
+    return z.clamp_min(0)
+
+
+def _relu_prime(z: Tensor) -> Tensor:
+    return (z > 0).to(z.dtype)
+
+
+def _sigmoid_prime(z: Tensor) -> Tensor:
+    s = torch.sigmoid(z)
+    return s * (1 - s)
+
+
+def _tanh_prime(z: Tensor) -> Tensor:
+    return 1 - torch.tanh(z) ** 2
+
+
+def _normal_cdf(z: Tensor) -> Tensor:
+    return 0.5 * (1 + torch.erf(z / math.sqrt(2)))
+
+
+def _gelu(z: Tensor) -> Tensor:
+    return z * _normal_cdf(z)  # exact GELU, as torch.nn.GELU()
+
+
+def _gelu_prime(z: Tensor) -> Tensor:
+    pdf = torch.exp(-0.5 * z * z) / math.sqrt(2 * math.pi)
+    return _normal_cdf(z) + z * pdf
+
+
+# name -> (phi, phi')
+ACTIVATIONS: dict[str, tuple[Fn, Fn]] = {
+    "relu": (_relu, _relu_prime),
+    "sigmoid": (torch.sigmoid, _sigmoid_prime),
+    "tanh": (torch.tanh, _tanh_prime),
+    "gelu": (_gelu, _gelu_prime),
+}
+
+
+@dataclass
+class Saved:
+    """What one layer keeps from forward for its backward: its input x and pre-activation z.
+
+    `dz` (dJ/dz) is filled by grad_input so grad_weight, which may run later (zero-bubble
+    schedules defer it), does not recompute it.
+    """
+
+    x: Tensor
+    z: Tensor
+    dz: Tensor | None = None
+
+
+class Layer:
+    """A linear map followed by an optional element-wise activation (None on the output layer)."""
+
+    def __init__(self, index: int, weight: Tensor, bias: Tensor | None, activation: str | None):
+        self.index = index  # global layer index: the same whatever the split into stages
+        self.weight = weight
+        self.bias = bias
+        self.activation = activation
+        self.phi, self.phi_prime = ACTIVATIONS[activation] if activation else (None, None)
+
+    def parameters(self) -> list[Tensor]:
+        return [self.weight] if self.bias is None else [self.weight, self.bias]
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Saved]:
+        z = x @ self.weight.T  # z = W x
+        if self.bias is not None:
+            z = z + self.bias  # z = W x + b
+        h = self.phi(z) if self.phi else z  # h = phi(z); the output layer has o = W h
+        return h, Saved(x, z)
+
+    def grad_preactivation(self, dh: Tensor, saved: Saved) -> Tensor:
+        if self.phi_prime is None:
+            return dh  # output layer: dJ/do is already the gradient of the linear map
+        return dh * self.phi_prime(saved.z)  # dJ/dz = dJ/dh (.) phi'(z)
+
+    def grad_input(self, dh: Tensor, saved: Saved, need_dx: bool = True) -> Tensor | None:
+        """dJ/dx from dJ/dh; keeps dJ/dz in `saved` for grad_weight."""
+        saved.dz = self.grad_preactivation(dh, saved)
+        return saved.dz @ self.weight if need_dx else None  # dJ/dx = W^T dJ/dz
+
+    def grad_weight(self, dh: Tensor | None, saved: Saved) -> tuple[Tensor, Tensor | None]:
+        """(dJ/dW, dJ/db) of the data term; uses dJ/dz from grad_input when it ran."""
+        dz = saved.dz if saved.dz is not None else self.grad_preactivation(dh, saved)
+        d_weight = dz.T @ saved.x  # dJ/dW = dJ/dz x^T
+        d_bias = dz.sum(0) if self.bias is not None else None  # dJ/db = dJ/dz
+        return d_weight, d_bias

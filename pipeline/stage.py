@@ -1,0 +1,76 @@
+"""A stage: a contiguous run of layers, with forward (F), input-gradient (B) and weight-gradient (W) passes.
+
+    F  y, stash = forward(x)            keeps each layer's (x, z) for this micro-batch
+    B  dx = backward_input(dy, stash)   dJ/dz and dJ/dx through the layers, last to first
+    W  backward_weight(stash)           dJ/dW += dJ/dz x^T for every layer; the stash can go
+
+B is on the critical path (the previous stage waits for dx); W is not, which is what lets
+zero-bubble schedules defer it. Gradients accumulate in each parameter's .grad.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from pipeline.layers import Layer, Saved
+
+Stash = list[Saved]
+
+
+class Stage:
+    """Layers [first, last] of the model, numbered globally."""
+
+    def __init__(self, stage_index: int, num_stages: int, layers: list[Layer]):
+        if not layers:
+            raise ValueError(f"stage {stage_index} has no layers")
+        self.stage_index = stage_index
+        self.num_stages = num_stages
+        self.layers = layers
+
+    @property
+    def is_first(self) -> bool:
+        return self.stage_index == 0
+
+    @property
+    def is_last(self) -> bool:
+        return self.stage_index == self.num_stages - 1
+
+    def parameters(self) -> list[Tensor]:
+        return [p for layer in self.layers for p in layer.parameters()]
+
+    def weights(self) -> list[Tensor]:
+        return [layer.weight for layer in self.layers]
+
+    def zero_grad(self) -> None:
+        for p in self.parameters():
+            p.grad = torch.zeros_like(p)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Stash]:
+        stash = []
+        for layer in self.layers:
+            x, saved = layer.forward(x)
+            stash.append(saved)
+        return x, stash
+
+    def predict(self, x: Tensor) -> Tensor:
+        """Forward without keeping anything: what prediction needs."""
+        for layer in self.layers:
+            x, _ = layer.forward(x)
+        return x
+
+    def backward_input(self, dy: Tensor, stash: Stash) -> Tensor | None:
+        """B: dJ/d(input) from dJ/d(output); None on the first stage, whose input is data."""
+        for i in reversed(range(len(self.layers))):
+            need_dx = i > 0 or not self.is_first
+            dy = self.layers[i].grad_input(dy, stash[i], need_dx)
+        return dy
+
+    def backward_weight(self, stash: Stash) -> None:
+        """W: accumulate dJ/dW (and dJ/db) of this micro-batch; needs backward_input first."""
+        for layer, saved in zip(self.layers, stash):
+            d_weight, d_bias = layer.grad_weight(None, saved)
+            layer.weight.grad.add_(d_weight)
+            if d_bias is not None:
+                layer.bias.grad.add_(d_bias)
+        stash.clear()  # x, z and dz of this micro-batch are no longer needed

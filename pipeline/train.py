@@ -1,0 +1,64 @@
+"""Train an MLP as a pipeline: the thin Hydra entry point over `trainer.train(cfg, run_dir)`.
+
+    python -m pipeline.train                                        # one process
+    torchrun --standalone --nproc-per-node=2 -m pipeline.train      # a 2-stage pipeline
+    python -m pipeline.train model=seed optim=adam pipeline.microbatches=8 train.steps=200
+
+Every rank of a torchrun job shares one run directory (runs/DATE/torchrun-ID); rank 0 alone
+writes Hydra's .hydra/ folder. A user mistake exits with code 2 and one line on stderr.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from pipeline.distributed import read_env
+from pipeline.errors import EXIT_USER_ERROR, UserError, exit_with
+
+
+def run_dir_name() -> str:
+    """runs/DATE/torchrun-ID for a torchrun job (the same on every rank), else runs/DATE/TIME."""
+    env = read_env()
+    if env.run_id:
+        return f"runs/{time.strftime('%Y-%m-%d')}/torchrun-{env.run_id}"
+    return time.strftime("runs/%Y-%m-%d/%H-%M-%S")
+
+
+def hydra_subdir() -> str | None:
+    return ".hydra" if read_env().rank == 0 else None
+
+
+OmegaConf.register_new_resolver("pipeline_run_dir", run_dir_name, replace=True)
+OmegaConf.register_new_resolver("pipeline_hydra_subdir", hydra_subdir, replace=True)
+_task_started = False
+
+
+@hydra.main(config_path="../conf", config_name="config", version_base="1.3")
+def _hydra_main(cfg: DictConfig) -> None:
+    global _task_started
+    _task_started = True
+    from pipeline.trainer import train  # imported here so `--help` stays fast
+
+    try:
+        train(cfg, HydraConfig.get().runtime.output_dir)
+    except UserError as err:
+        exit_with(err)
+
+
+def main() -> None:
+    """Run Hydra; its own errors (a bad override, an unknown key) are user errors too: exit 2."""
+    try:
+        _hydra_main()
+    except SystemExit as stop:
+        if stop.code not in (0, None) and not _task_started:
+            sys.exit(EXIT_USER_ERROR)
+        raise
+
+
+if __name__ == "__main__":
+    main()
