@@ -15,11 +15,12 @@ from pipeline.errors import ConfigError
 from pipeline.layers import ACTIVATIONS
 from pipeline.model import DTYPES
 from pipeline.objective import LOSSES
+from pipeline.schedule import SCHEDULES
 
-SCHEDULE_NAMES = ("gpipe", "1f1b", "interleaved_1f1b", "zb_h1")
 OPTIMIZERS = ("sgd", "adam")
 DATASETS = ("digits", "synthetic", "npz")
 PARTITIONS = ("uniform", "params")
+TRANSPORTS = ("p2p", "inprocess")
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,8 @@ class PipelineConfig:
     microbatches: int
     virtual_stages: int
     partition: str | tuple[int, ...]
+    transport: str = "p2p"  # p2p: one rank per process (torchrun); inprocess: every rank in this process
+    ranks: int | None = None  # p; with p2p it must equal the world size
 
 
 @dataclass(frozen=True)
@@ -207,10 +210,12 @@ def _partition(value: Any) -> str | tuple[int, ...]:
 
 def _pipeline(raw: Mapping[str, Any]) -> PipelineConfig:
     return PipelineConfig(
-        schedule=_choice("pipeline.schedule", raw.get("schedule"), SCHEDULE_NAMES),
+        schedule=_choice("pipeline.schedule", raw.get("schedule"), SCHEDULES),
         microbatches=_int("pipeline.microbatches", raw.get("microbatches")),
         virtual_stages=_int("pipeline.virtual_stages", raw.get("virtual_stages")),
         partition=_partition(raw.get("partition", "uniform")),
+        transport=_choice("pipeline.transport", raw.get("transport", "p2p"), TRANSPORTS),
+        ranks=_optional_int("pipeline.ranks", raw.get("ranks")),
     )
 
 

@@ -1,9 +1,23 @@
-"""Where this process sits in a torchrun job: rank, world size, local rank (one process without torchrun)."""
+"""Where this process sits in a torchrun job, and the process group its ranks talk over.
+
+`connect` yields a Comm: which pipeline ranks this process runs (one under torchrun, all of
+them in-process), a transport for each, and the two collectives the trainer needs (a sum of
+one number, a barrier). It starts the process group only when there is a peer to talk to and
+none exists yet, and then waits for every peer and destroys it on the way out.
+"""
 
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import timedelta
+from typing import Iterator
+
+import torch
+import torch.distributed as dist
+
+from pipeline.transport import InProcessTransport, Mailboxes, P2PTransport, PeerTimeout
 
 
 @dataclass(frozen=True)
@@ -11,14 +25,82 @@ class Env:
     rank: int
     world_size: int
     local_rank: int
+    local_world_size: int
     run_id: str | None
 
 
 def read_env() -> Env:
     """Read torchrun's variables; without them this is rank 0 of a world of one."""
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
     return Env(
         rank=int(os.environ.get("RANK", 0)),
-        world_size=int(os.environ.get("WORLD_SIZE", 1)),
+        world_size=world_size,
         local_rank=int(os.environ.get("LOCAL_RANK", 0)),
+        local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", world_size)),
         run_id=os.environ.get("TORCHELASTIC_RUN_ID"),
     )
+
+
+def backend_for(name: str) -> str:
+    """`auto` picks NCCL when CUDA is there, gloo otherwise."""
+    if name == "auto":
+        return "nccl" if torch.cuda.is_available() else "gloo"
+    return name
+
+
+class Comm:
+    """The ranks this process runs and how they reach the others."""
+
+    def __init__(self, local_ranks: list[int], transports: dict, distributed: bool, timeout_s: float):
+        self.local_ranks = local_ranks
+        self.transports = transports
+        self.distributed = distributed
+        self.timeout_s = timeout_s
+
+    def sum(self, value: float) -> float:
+        """The sum of `value` over every process (all call it at the same point)."""
+        if not self.distributed:
+            return value
+        total = torch.tensor([value], dtype=torch.float64)
+        dist.all_reduce(total)
+        return float(total)
+
+    def barrier(self, what: str) -> None:
+        if not self.distributed:
+            return
+        try:
+            dist.monitored_barrier(timeout=timedelta(seconds=self.timeout_s)) if dist.get_backend() == "gloo" \
+                else dist.barrier()
+        except RuntimeError as err:
+            raise PeerTimeout(f"rank {dist.get_rank()}: barrier ({what}) failed: {str(err).splitlines()[0]}") from None
+
+
+def _bind_loopback(env: Env) -> None:
+    """Single-node jobs keep gloo's traffic on loopback (torch.distributed has no authentication)."""
+    if env.local_world_size == env.world_size and "GLOO_SOCKET_IFNAME" not in os.environ \
+            and os.path.exists("/sys/class/net/lo"):
+        os.environ["GLOO_SOCKET_IFNAME"] = "lo"
+
+
+@contextmanager
+def connect(env: Env, num_ranks: int, transport: str, backend: str, timeout_s: float) -> Iterator[Comm]:
+    """The Comm for this process; starts (and later ends) the process group when one is needed."""
+    if transport == "inprocess" or env.world_size == 1:
+        mailboxes = Mailboxes()
+        ranks = list(range(num_ranks))
+        yield Comm(ranks, {r: mailboxes.endpoint(r) for r in ranks}, distributed=False, timeout_s=timeout_s)
+        return
+    owned = not dist.is_initialized()
+    if owned:
+        _bind_loopback(env)
+        dist.init_process_group(backend_for(backend), timeout=timedelta(seconds=timeout_s))
+    comm = Comm([env.rank], {env.rank: P2PTransport(env.rank, timeout_s)}, distributed=True, timeout_s=timeout_s)
+    clean = False
+    try:
+        yield comm
+        clean = True
+    finally:
+        if owned:
+            if clean:
+                comm.barrier("end of run")
+            dist.destroy_process_group()

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import NoReturn
 
 EXIT_USER_ERROR = 2
+EXIT_FAILURE = 1
 
 
 class UserError(Exception):
@@ -20,8 +22,13 @@ class DataError(UserError):
     """A data file that is missing, malformed or inconsistent with the model."""
 
 
-def exit_with(error: UserError) -> NoReturn:
-    """Print the error as one line on stderr and exit with code 2."""
-    message = " ".join(str(error).split("\n"))
-    print(f"error: {message}", file=sys.stderr, flush=True)
-    sys.exit(EXIT_USER_ERROR)
+def exit_with(error: Exception, code: int = EXIT_USER_ERROR, every_rank: bool = False) -> NoReturn:
+    """Print the error as one line on stderr and exit (code 2: the user's mistake).
+
+    Under torchrun every rank finds the same configuration mistake; only local rank 0 says it,
+    unless the error is the rank's own (`every_rank`, e.g. a peer that stopped answering).
+    """
+    if every_rank or os.environ.get("LOCAL_RANK", "0") == "0":
+        message = " ".join(str(error).split())
+        print(f"error: {message}", file=sys.stderr, flush=True)
+    sys.exit(code)

@@ -27,6 +27,7 @@ class Stage:
         self.stage_index = stage_index
         self.num_stages = num_stages
         self.layers = layers
+        self.zero_grad()
 
     @property
     def is_first(self) -> bool:
@@ -35,6 +36,22 @@ class Stage:
     @property
     def is_last(self) -> bool:
         return self.stage_index == self.num_stages - 1
+
+    @property
+    def in_dim(self) -> int:
+        return self.layers[0].weight.shape[1]
+
+    @property
+    def out_dim(self) -> int:
+        return self.layers[-1].weight.shape[0]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.layers[0].weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.layers[0].weight.device
 
     def parameters(self) -> list[Tensor]:
         return [p for layer in self.layers for p in layer.parameters()]

@@ -18,7 +18,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline.distributed import read_env
-from pipeline.errors import EXIT_USER_ERROR, UserError, exit_with
+from pipeline.errors import EXIT_FAILURE, EXIT_USER_ERROR, UserError, exit_with
 
 
 def run_dir_name() -> str:
@@ -42,12 +42,16 @@ _task_started = False
 def _hydra_main(cfg: DictConfig) -> None:
     global _task_started
     _task_started = True
+    from pipeline.runtime import Stuck
     from pipeline.trainer import train  # imported here so `--help` stays fast
+    from pipeline.transport import PeerTimeout
 
     try:
         train(cfg, HydraConfig.get().runtime.output_dir)
     except UserError as err:
         exit_with(err)
+    except (PeerTimeout, Stuck) as err:  # a peer died or hung: say who waited on what, no traceback
+        exit_with(err, EXIT_FAILURE, every_rank=True)
 
 
 def main() -> None:

@@ -1,0 +1,112 @@
+"""The pipeline ranks this process runs: their stages, runtimes and optimizers, stepped together.
+
+Under torchrun a process runs one rank; with the in-process transport it runs all of them.
+Either way each rank steps the optimizer on its own stages' parameters only.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from pipeline import checkpoint, microbatch, objective
+from pipeline.config import Config
+from pipeline.distributed import Comm
+from pipeline.model import MLPSpec, build_layers
+from pipeline.plan import Plan
+from pipeline.runtime import Runtime, StepResult, execute
+from pipeline.stage import Stage
+
+
+def make_optimizer(conf: Config, params: list[Tensor]) -> torch.optim.Optimizer:
+    o = conf.optim
+    if o.name == "sgd":
+        return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum)
+    return torch.optim.Adam(params, lr=o.lr, betas=o.betas, eps=o.eps)
+
+
+class Engine:
+    """This process's share of the pipeline."""
+
+    def __init__(self, conf: Config, spec: MLPSpec, plan: Plan, comm: Comm):
+        self.conf, self.spec, self.plan, self.comm = conf, spec, plan, comm
+        seed, loss_name = conf.train.seed, conf.loss.name
+        self.stages = {s: Stage(s, plan.num_stages, build_layers(spec, seed, plan.stage_layers[s]))
+                       for r in comm.local_ranks for s in plan.stages_of(r)}
+        self.runtimes = {r: Runtime(r, plan.num_ranks, self._stages_of(r), comm.transports[r], loss_name)
+                         for r in comm.local_ranks}
+        self.optimizers = {r: make_optimizer(conf, [p for st in self._stages_of(r) for p in st.parameters()])
+                           for r in comm.local_ranks}
+        self.peak_stash = {r: 0 for r in comm.local_ranks}
+        self.peak_awaiting_b = {r: 0 for r in comm.local_ranks}
+
+    def _stages_of(self, rank: int) -> list[Stage]:
+        return [self.stages[s] for s in self.plan.stages_of(rank)]
+
+    @property
+    def holds_first(self) -> bool:
+        return 0 in self.stages
+
+    @property
+    def holds_last(self) -> bool:
+        """Does this process compute the loss (and so write metrics)?"""
+        return self.plan.num_stages - 1 in self.stages
+
+    def run(self, schedule, x: Tensor | None, y: Tensor | None, rows: int, num_mbs: int,
+             training: bool) -> dict[int, StepResult]:
+        """One pass of `schedule` over a batch of `rows` rows in `num_mbs` micro-batches, on every local rank."""
+        sizes = microbatch.sizes(rows, num_mbs)
+        x_mbs = microbatch.split(x, num_mbs) if self.holds_first else None
+        y_mbs = microbatch.split(y, num_mbs) if self.holds_last else None
+        for runtime in self.runtimes.values():
+            runtime.begin(sizes, x_mbs, y_mbs, training)
+        execute(self.runtimes, schedule)
+        return {rank: runtime.end() for rank, runtime in self.runtimes.items()}
+
+    def train_step(self, x: Tensor | None, y: Tensor | None) -> Tensor | None:
+        """Accumulate dJ/dW for one minibatch under the schedule; returns L where the loss lives."""
+        for stage in self.stages.values():
+            stage.zero_grad()
+        results = self.run(self.plan.train_schedule, x, y, self.conf.train.batch_size,
+                            self.plan.num_microbatches, training=True)
+        for stage in self.stages.values():
+            objective.add_regulariser_grad(stage.weights(), self.conf.loss.l2)  # dJ/dW += lambda W
+        for rank, result in results.items():
+            self.peak_stash[rank] = max(self.peak_stash[rank], result.peak_stash)
+            self.peak_awaiting_b[rank] = max(self.peak_awaiting_b[rank], result.peak_awaiting_b)
+        return results[self.plan.last_rank].loss if self.holds_last else None
+
+    def regulariser(self) -> float:
+        """s = lambda/2 sum ||W||^2 over every stage of every rank (a collective: all ranks call it)."""
+        weights = [w for stage in self.stages.values() for w in stage.weights()]
+        return self.comm.sum(float(objective.regulariser(weights, self.conf.loss.l2)))
+
+    def update(self) -> None:
+        for optimizer in self.optimizers.values():
+            optimizer.step()
+
+    def evaluate(self, x: Tensor | None, y: Tensor | None, rows: int) -> dict[str, float] | None:
+        """Forward-only pipeline over the test set; test loss and accuracy where the loss lives."""
+        results = self.run(self.plan.eval_schedule, x, y, rows, self.plan.eval_microbatches, training=False)
+        if not self.holds_last:
+            return None
+        last = results[self.plan.last_rank]
+        return {"test_loss": float(last.loss), "test_accuracy": last.correct / rows}
+
+    def stash_figures(self) -> dict[str, list[int]]:
+        """Peak stashed micro-batches of every rank (a collective: all ranks call it)."""
+        p = self.plan.num_ranks
+        figures = {}
+        for name, peaks in (("peak_stash", self.peak_stash), ("peak_awaiting_b", self.peak_awaiting_b)):
+            figures[name] = [int(self.comm.sum(float(peaks.get(r, 0)))) for r in range(p)]
+        return figures
+
+    def save(self, run_dir: str | Path, step: int) -> None:
+        """Every rank writes its stages' shards; once all have, rank 0 marks the checkpoint complete."""
+        checkpoint.save_shards(run_dir, step, self.stages.values())
+        self.comm.barrier(f"checkpoint {step}")
+        if 0 in self.comm.local_ranks:
+            checkpoint.commit(run_dir, step, self.plan.num_stages, self.spec.num_layers)
+

@@ -1,0 +1,70 @@
+"""Layers -> stages -> ranks: contiguous cuts of the layer list, placed looped over the ranks.
+
+With p ranks and v virtual stages per rank there are p*v stages; stage s lives on rank s mod p,
+so rank r holds stages r, r+p, r+2p, ... (v = 1: stage s is rank s).
+
+    4 layers, p=2, v=1, uniform:   stage 0 = layers [0, 1] on rank 0 | stage 1 = layers [2, 3] on rank 1
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from pipeline.errors import ConfigError
+from pipeline.model import MLPSpec
+
+
+def uniform(num_layers: int, num_stages: int) -> list[int]:
+    """Layer counts that differ by at most one; the later stages get the extra layers
+    (the last stage also computes the loss, the first has no input gradient to compute)."""
+    base, extra = divmod(num_layers, num_stages)
+    return [base + (stage_index >= num_stages - extra) for stage_index in range(num_stages)]
+
+
+def by_params(weights: Sequence[int], num_stages: int) -> list[int]:
+    """Contiguous layer counts that minimise the largest stage's parameter count (exact DP)."""
+    n = len(weights)
+    prefix = [0]
+    for w in weights:
+        prefix.append(prefix[-1] + w)
+    inf = float("inf")
+    # best[k][i]: smallest possible max-stage-load cutting the first i layers into k stages
+    best = [[inf] * (n + 1) for _ in range(num_stages + 1)]
+    cut = [[0] * (n + 1) for _ in range(num_stages + 1)]
+    best[0][0] = 0
+    for k in range(1, num_stages + 1):
+        for i in range(k, n - (num_stages - k) + 1):
+            for j in range(k - 1, i):
+                load = max(best[k - 1][j], prefix[i] - prefix[j])
+                if load < best[k][i]:
+                    best[k][i], cut[k][i] = load, j
+    counts, i = [], n
+    for k in range(num_stages, 0, -1):
+        counts.append(i - cut[k][i])
+        i = cut[k][i]
+    return counts[::-1]
+
+
+def layer_counts(spec: MLPSpec, num_stages: int, partition: str | Sequence[int], where: str) -> list[int]:
+    """How many layers each stage gets; `where` explains num_stages in error messages."""
+    if num_stages > spec.num_layers:
+        raise ConfigError(f"{where} gives {num_stages} stages but the model has {spec.num_layers} layers; "
+                          "add layers to model.hidden or use fewer stages")
+    if partition == "uniform":
+        return uniform(spec.num_layers, num_stages)
+    if partition == "params":
+        return by_params([spec.layer_params(i) for i in range(spec.num_layers)], num_stages)
+    counts = list(partition)
+    if len(counts) != num_stages or sum(counts) != spec.num_layers or min(counts) < 1:
+        raise ConfigError(f"pipeline.partition={counts} must list {num_stages} layer counts ({where}), each at "
+                          f"least 1, adding up to the model's {spec.num_layers} layers")
+    return counts
+
+
+def stage_layers(counts: Sequence[int]) -> list[range]:
+    """Global layer indices of each stage, from the layer counts."""
+    ranges, start = [], 0
+    for count in counts:
+        ranges.append(range(start, start + count))
+        start += count
+    return ranges

@@ -1,0 +1,199 @@
+"""Executes a rank's actions over its stages: compute (F, B, W, BW) and transfers (SEND_*, RECV_*).
+
+The runtime never decides order: the schedule does. Per (stage, micro-batch) it keeps
+
+    inputs       the stage's input, from the data, a receive, or the previous stage on this rank
+    stash        what the stage's backward needs (each layer's x, z, later dJ/dz), from F until W
+    grads        dJ/d(stage output), from the loss (last stage), a receive, or the next local stage
+    outbox       an output or input gradient waiting for its SEND
+
+and frees each entry as soon as the action that consumes it is done. `execute` drives one or
+more ranks' runtimes through a schedule: under torchrun each process drives one rank and a
+receive blocks; in-process, one process drives every rank and a receive waits its turn.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+from torch import Tensor
+
+from pipeline import objective
+from pipeline.schedule import Action, Schedule, stage_to_rank
+from pipeline.stage import Stage
+from pipeline.transport import ACTIVATION, GRADIENT, tag
+
+Key = tuple[int, int]  # (stage_index, mb_index)
+
+
+class Transport(Protocol):
+    def send(self, tensor: Tensor, dst: int, tag: int, what: str) -> None: ...
+    def can_recv(self, src: int, tag: int) -> bool: ...
+    def recv(self, buffer: Tensor, src: int, tag: int, what: str) -> Tensor: ...
+    def flush(self) -> None: ...
+
+
+class Stuck(RuntimeError):
+    """The schedule cannot progress (a bug in a schedule that skipped validation)."""
+
+
+@dataclass
+class StepResult:
+    """What one rank learned from one step: its share of the loss (last stage only) and its peak stash."""
+
+    loss: Tensor | None = None
+    correct: int = 0
+    peak_stash: int = 0  # most micro-batches held at once between their F and their W
+    peak_awaiting_b: int = 0  # most micro-batches held at once between their F and their B
+    last_action: str = "none"
+
+
+@dataclass
+class _StepState:
+    mb_sizes: list[int]
+    batch_size: int
+    training: bool
+    inputs: dict[Key, Tensor] = field(default_factory=dict)
+    labels: dict[int, Tensor] = field(default_factory=dict)
+    stash: dict[Key, list] = field(default_factory=dict)
+    grads: dict[Key, Tensor] = field(default_factory=dict)
+    outbox: dict[Key, Tensor] = field(default_factory=dict)
+    awaiting_b: set[Key] = field(default_factory=set)
+
+
+class Runtime:
+    """One rank: its stages, its transport, and the state of the step in progress."""
+
+    def __init__(self, rank: int, num_ranks: int, stages: list[Stage], transport: Transport, loss_name: str):
+        self.rank, self.num_ranks = rank, num_ranks
+        self.stages = {stage.stage_index: stage for stage in stages}
+        self.num_stages = stages[0].num_stages
+        self.transport, self.loss_name = transport, loss_name
+        self.state: _StepState | None = None
+        self.result = StepResult()
+
+    def begin(self, mb_sizes: list[int], inputs: list[Tensor] | None, labels: list[Tensor] | None,
+              training: bool = True) -> None:
+        """Start a step (training) or an evaluation pass (training=False keeps nothing for backward)."""
+        self.state = _StepState(mb_sizes, sum(mb_sizes), training)
+        self.result = StepResult()
+        if 0 in self.stages:
+            self.state.inputs.update({(0, mb): x for mb, x in enumerate(inputs)})
+        if self.num_stages - 1 in self.stages:
+            self.state.labels.update(enumerate(labels))
+
+    def end(self) -> StepResult:
+        """Finish the step: wait for this rank's sends; everything received must have been consumed."""
+        self.transport.flush()
+        leftovers = {name: keys for name in ("inputs", "stash", "grads", "outbox")
+                     if (keys := sorted(getattr(self.state, name)))}
+        if leftovers:
+            raise Stuck(f"rank {self.rank}: step ended with unconsumed state {leftovers}")
+        self.state = None
+        return self.result
+
+    def ready(self, action: Action) -> bool:
+        """Can `action` run now? Only a receive whose message has not arrived can wait."""
+        if action.kind == "RECV_F":
+            return self.transport.can_recv(*self._route(action, -1, ACTIVATION))
+        if action.kind == "RECV_B":
+            return self.transport.can_recv(*self._route(action, +1, GRADIENT))
+        return True
+
+    def run(self, action: Action) -> None:
+        getattr(self, "_" + action.kind)(action.stage_index, action.mb_index)
+        self.result.last_action = str(action)
+
+    # --- compute --------------------------------------------------------------------------
+
+    def _F(self, s: int, mb: int) -> None:
+        stage, st = self.stages[s], self.state
+        x = st.inputs.pop((s, mb))
+        if st.training:
+            y, st.stash[(s, mb)] = stage.forward(x)
+            st.awaiting_b.add((s, mb))
+            self.result.peak_stash = max(self.result.peak_stash, len(st.stash))
+            self.result.peak_awaiting_b = max(self.result.peak_awaiting_b, len(st.awaiting_b))
+        else:
+            y = stage.predict(x)
+        if stage.is_last:
+            self._loss(s, mb, y)
+        elif s + 1 in self.stages:
+            st.inputs[(s + 1, mb)] = y  # next stage lives here too: hand over locally
+        else:
+            st.outbox[(s, mb)] = y
+
+    def _loss(self, s: int, mb: int, o: Tensor) -> None:
+        y = self.state.labels.pop(mb)
+        share, d_o = objective.loss_and_grad(self.loss_name, o, y, self.state.batch_size)
+        self.result.loss = share if self.result.loss is None else self.result.loss + share
+        self.result.correct += objective.predictions_correct(o, y)
+        if self.state.training:
+            self.state.grads[(s, mb)] = d_o  # dJ/do starts the backward pass
+
+    def _B(self, s: int, mb: int) -> None:
+        st = self.state
+        dx = self.stages[s].backward_input(st.grads.pop((s, mb)), st.stash[(s, mb)])
+        st.awaiting_b.discard((s, mb))
+        if s == 0:
+            return
+        if s - 1 in self.stages:
+            st.grads[(s - 1, mb)] = dx
+        else:
+            st.outbox[(s, mb)] = dx
+
+    def _W(self, s: int, mb: int) -> None:
+        self.stages[s].backward_weight(self.state.stash.pop((s, mb)))
+
+    def _BW(self, s: int, mb: int) -> None:
+        self._B(s, mb)
+        self._W(s, mb)
+
+    # --- transfers ------------------------------------------------------------------------
+
+    def _route(self, action: Action, peer_offset: int, kind: int) -> tuple[int, int]:
+        """(peer rank, message tag) of a transfer; the tag names the sending stage."""
+        s, mb = action.stage_index, action.mb_index
+        sender = s if action.kind.startswith("SEND") else s + peer_offset
+        return stage_to_rank(s + peer_offset, self.num_ranks), tag(kind, sender, mb, self.num_stages)
+
+    def _SEND_F(self, s: int, mb: int) -> None:
+        dst, t = self._route(Action(s, "SEND_F", mb), +1, ACTIVATION)
+        self.transport.send(self.state.outbox.pop((s, mb)), dst, t, f"{s}SEND_F{mb} to rank {dst}")
+
+    def _SEND_B(self, s: int, mb: int) -> None:
+        dst, t = self._route(Action(s, "SEND_B", mb), -1, GRADIENT)
+        self.transport.send(self.state.outbox.pop((s, mb)), dst, t, f"{s}SEND_B{mb} to rank {dst}")
+
+    def _RECV_F(self, s: int, mb: int) -> None:
+        src, t = self._route(Action(s, "RECV_F", mb), -1, ACTIVATION)
+        self.state.inputs[(s, mb)] = self._receive(s, mb, "RECV_F", src, t, self.stages[s].in_dim)
+
+    def _RECV_B(self, s: int, mb: int) -> None:
+        src, t = self._route(Action(s, "RECV_B", mb), +1, GRADIENT)
+        self.state.grads[(s, mb)] = self._receive(s, mb, "RECV_B", src, t, self.stages[s].out_dim)
+
+    def _receive(self, s: int, mb: int, kind: str, src: int, t: int, width: int) -> Tensor:
+        stage = self.stages[s]
+        buffer = torch.empty(self.state.mb_sizes[mb], width, dtype=stage.dtype, device=stage.device)
+        what = (f"{s}{kind}{mb} waiting for stage {s - 1 if kind == 'RECV_F' else s + 1} on rank {src}; "
+                f"last completed action: {self.result.last_action}")
+        return self.transport.recv(buffer, src, t, what)
+
+
+def execute(runtimes: dict[int, Runtime], schedule: Schedule) -> None:
+    """Run every local rank's actions in order; in-process ranks take turns until all are done."""
+    position = {rank: 0 for rank in runtimes}
+    while any(position[rank] < len(schedule[rank]) for rank in runtimes):
+        progressed = False
+        for rank, runtime in runtimes.items():
+            actions = schedule[rank]
+            while position[rank] < len(actions) and runtime.ready(actions[position[rank]]):
+                runtime.run(actions[position[rank]])
+                position[rank] += 1
+                progressed = True
+        if not progressed:
+            waiting = ", ".join(f"rank {r} at {schedule[r][i]}" for r, i in position.items() if i < len(schedule[r]))
+            raise Stuck(f"no rank can progress; waiting: {waiting}")

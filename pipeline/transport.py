@@ -1,0 +1,96 @@
+"""Moving activations and gradients between ranks: torch.distributed P2P, or in-process mailboxes.
+
+Both carry a tensor from one rank to another under a tag that names what it is (forward
+activation or input gradient, stage, micro-batch), so receives match sends in any order.
+Shapes are known from the model config: receives fill preallocated buffers and no message
+carries metadata. Sends never block (isend semantics); every wait is bounded by a timeout.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict, deque
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+ACTIVATION, GRADIENT = 0, 1
+
+
+class PeerTimeout(RuntimeError):
+    """A peer did not answer within dist.timeout_s, or its connection broke."""
+
+
+def tag(kind: int, stage_index: int, mb_index: int, num_stages: int) -> int:
+    """A unique message tag per step: what (activation/gradient), from which stage, which micro-batch."""
+    return (mb_index * num_stages + stage_index) * 2 + kind
+
+
+class P2PTransport:
+    """torch.distributed isend/irecv between ranks of the default process group (gloo or NCCL)."""
+
+    def __init__(self, rank: int, timeout_s: float):
+        self.rank = rank
+        self.timeout = timedelta(seconds=timeout_s)
+        self.pending: list[tuple[dist.Work, torch.Tensor, str]] = []
+
+    def send(self, tensor: torch.Tensor, dst: int, tag: int, what: str) -> None:
+        tensor = tensor.contiguous()  # keep it alive until the send completes
+        self.pending.append((dist.isend(tensor, dst, tag=tag), tensor, what))
+
+    def can_recv(self, src: int, tag: int) -> bool:
+        return True  # recv blocks (bounded) until the message arrives
+
+    def recv(self, buffer: torch.Tensor, src: int, tag: int, what: str) -> torch.Tensor:
+        self._wait(dist.irecv(buffer, src, tag=tag), what)
+        return buffer
+
+    def flush(self) -> None:
+        """Wait for every send of this step to complete."""
+        while self.pending:
+            work, _, what = self.pending.pop(0)
+            self._wait(work, what)
+
+    def _wait(self, work: dist.Work, what: str) -> None:
+        try:
+            work.wait(self.timeout)
+        except RuntimeError as err:
+            lines = str(err).strip().splitlines() or [type(err).__name__]
+            reason = re.sub(r"^\[[^\]]*\]\s*", "", lines[0])  # drop gloo's source-file prefix
+            raise PeerTimeout(f"rank {self.rank}: no answer within {self.timeout.total_seconds():g} s "
+                              f"(dist.timeout_s) at {what} ({reason})") from None
+
+
+class Mailboxes:
+    """Messages in flight between the ranks that one process runs (the in-process transport)."""
+
+    def __init__(self):
+        self.queues: dict[tuple[int, int, int], deque[torch.Tensor]] = defaultdict(deque)
+
+    def endpoint(self, rank: int) -> "InProcessTransport":
+        return InProcessTransport(rank, self)
+
+
+class InProcessTransport:
+    """One rank's view of the shared mailboxes; a receive is possible once the send has happened."""
+
+    def __init__(self, rank: int, mailboxes: Mailboxes):
+        self.rank = rank
+        self.mailboxes = mailboxes
+
+    def send(self, tensor: torch.Tensor, dst: int, tag: int, what: str) -> None:
+        self.mailboxes.queues[(self.rank, dst, tag)].append(tensor.clone())  # a copy, like the wire
+
+    def can_recv(self, src: int, tag: int) -> bool:
+        return bool(self.mailboxes.queues.get((src, self.rank, tag)))
+
+    def recv(self, buffer: torch.Tensor, src: int, tag: int, what: str) -> torch.Tensor:
+        queue = self.mailboxes.queues.get((src, self.rank, tag))
+        if not queue:
+            raise PeerTimeout(f"rank {self.rank}: {what}: nothing was sent (in-process transport)")
+        buffer.copy_(queue.popleft())
+        return buffer
+
+    def flush(self) -> None:
+        pass

@@ -1,0 +1,138 @@
+"""Pipelined training equals single-device training, in one process (the in-process transport).
+
+Every schedule, p in {1, 2, 3, 4}, m in {1, 3, 4, 8} with a batch of 10 (3, 4, 8 do not divide
+it), v in {1, 2} where the schedule has virtual stages: after 4 SGD steps every parameter equals
+#2's single-device trainer to 1e-6 relative, in float64.
+"""
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from pipeline.distributed import connect, read_env
+from pipeline.engine import Engine
+from pipeline.equivalence import difference, grid, pipelined, problem, reference
+from pipeline.errors import ConfigError
+from pipeline.plan import make_plan
+from pipeline.runtime import Runtime, Stuck, execute
+from pipeline.schedule import Action, build_schedule, lower
+from pipeline.simulate import simulate
+from pipeline.trainer import load_data, model_spec
+
+pytestmark = pytest.mark.timeout(120)
+TOL = 1e-6
+
+
+@pytest.fixture(scope="module")
+def ref():
+    return reference(problem())
+
+
+@pytest.mark.parametrize("case", list(grid()), ids=lambda c: "{schedule}-p{ranks}-m{microbatches}-v{virtual_stages}".format(**c))
+def test_every_schedule_equals_single_device_training(case, ref, tmp_path):
+    params, _ = pipelined(problem(**case), tmp_path)
+    assert difference(params, ref) <= TOL
+
+
+@pytest.mark.parametrize("schedule", ["1f1b", "zb_h1", "interleaved_1f1b"])
+def test_adam_mse_and_no_bias_are_exact_too(schedule, tmp_path):
+    base = problem()
+    conf = replace(base, optim=replace(base.optim, name="adam", lr=0.01),
+                   loss=replace(base.loss, name="mse"), model=replace(base.model, bias=False, activation="gelu"))
+    v = 2 if schedule == "interleaved_1f1b" else 1
+    piped = replace(conf, pipeline=replace(conf.pipeline, schedule=schedule, ranks=3, microbatches=4, virtual_stages=v))
+    params, _ = pipelined(piped, tmp_path)
+    assert difference(params, reference(conf)) <= TOL
+
+
+def test_losses_and_evaluation_agree_with_one_rank(tmp_path):
+    _, one = pipelined(problem(ranks=1, microbatches=1), tmp_path / "one")
+    _, four = pipelined(problem(schedule="zb_h1", ranks=4, microbatches=3), tmp_path / "four")
+    for key in ("loss", "objective", "test_loss", "test_accuracy"):
+        assert four[key] == pytest.approx(one[key], rel=1e-12, abs=1e-12), key
+
+
+@pytest.mark.parametrize("schedule,expected", [
+    ("gpipe", {"peak_stash": [8, 8, 8, 8], "peak_awaiting_b": [8, 8, 8, 8]}),
+    ("1f1b", {"peak_stash": [4, 3, 2, 1], "peak_awaiting_b": [4, 3, 2, 1]}),
+    # ZB-H1 defers W: B-pending micro-batches stay at 1F1B's p - rank; W-pending ones at 1F1B's peak, p
+    ("zb_h1", {"peak_stash": [4, 4, 4, 4], "peak_awaiting_b": [4, 3, 2, 1]}),
+])
+def test_measured_peak_stash_at_p4_m8(schedule, expected, tmp_path):
+    _, summary = pipelined(problem(schedule=schedule, ranks=4, microbatches=8), tmp_path)
+    assert {k: summary[k] for k in expected} == expected
+    predicted = simulate(build_schedule(schedule, 4, 8), 4, 8)
+    assert summary["peak_stash"] == [predicted.peak_stash[r] for r in range(4)]
+
+
+def engine_for(conf):
+    data = load_data(conf)
+    spec = model_spec(conf, data)
+    plan = make_plan(conf, spec, 1, eval_rows=len(data.x_test))
+    return data, spec, plan
+
+
+def test_evaluation_stashes_nothing():
+    conf = problem(schedule="gpipe", ranks=2, microbatches=4)
+    data, spec, plan = engine_for(conf)
+    with connect(read_env(), plan.num_ranks, "inprocess", "gloo", 5) as comm:
+        engine = Engine(conf, spec, plan, comm)
+        x, y = torch.as_tensor(data.x_test), torch.as_tensor(data.y_test)
+        results = engine.run(plan.eval_schedule, x, y, len(x), plan.eval_microbatches, training=False)
+    assert [r.peak_stash for r in results.values()] == [0, 0]
+    assert results[1].correct >= 0 and results[1].loss is not None and results[0].loss is None
+
+
+def test_a_step_that_leaves_a_stash_behind_is_caught():
+    conf = problem(schedule="zb_h1", ranks=2, microbatches=2)
+    data, spec, plan = engine_for(conf)
+    broken = {r: [a for a in acts if a != Action(r, "W", 1)] for r, acts in plan.train_schedule.items()}
+    with connect(read_env(), 2, "inprocess", "gloo", 5) as comm:
+        engine = Engine(conf, spec, plan, comm)
+        x, y = torch.as_tensor(data.x_train[:10]), torch.as_tensor(data.y_train[:10])
+        with pytest.raises(Stuck, match=r"rank 0: step ended with unconsumed state \{'stash': \[\(0, 1\)\]\}"):
+            engine.run(broken, x, y, 10, 2, training=True)
+
+
+def test_a_receive_nobody_sends_is_reported_not_hung():
+    conf = problem(schedule="1f1b", ranks=2, microbatches=2)
+    data, spec, plan = engine_for(conf)
+    broken = {0: [a for a in plan.train_schedule[0] if a != Action(0, "SEND_F", 1)], 1: plan.train_schedule[1]}
+    with connect(read_env(), 2, "inprocess", "gloo", 5) as comm:
+        engine = Engine(conf, spec, plan, comm)
+        x, y = torch.as_tensor(data.x_train[:10]), torch.as_tensor(data.y_train[:10])
+        with pytest.raises(Stuck, match="no rank can progress; waiting: rank 0 at 0RECV_B1, rank 1 at 1RECV_F1"):
+            engine.run(broken, x, y, 10, 2, training=True)
+
+
+@pytest.mark.parametrize("pipeline,message", [
+    ({"schedule": "1f1b", "virtual_stages": 2, "ranks": 2},
+     "pipeline.virtual_stages=2 but pipeline.schedule=1f1b has no virtual stages"),
+    ({"schedule": "interleaved_1f1b", "virtual_stages": 3, "ranks": 3},
+     "3 rank(s) x pipeline.virtual_stages=3 gives 9 stages but the model has 8 layers"),
+    ({"ranks": 2, "partition": (4, 3)}, "pipeline.partition=[4, 3] must list 2 layer counts"),
+])
+def test_impossible_layouts_are_refused_before_any_work(pipeline, message):
+    conf = problem(**pipeline)
+    data = load_data(conf)
+    with pytest.raises(ConfigError) as err:
+        make_plan(conf, model_spec(conf, data), 1, eval_rows=10)
+    assert message in str(err.value)
+
+
+def test_ranks_must_match_the_world(monkeypatch):
+    conf = problem(transport="p2p", ranks=3)
+    data = load_data(conf)
+    with pytest.raises(ConfigError, match=r"pipeline.ranks=3 does not match the world size 2"):
+        make_plan(conf, model_spec(conf, data), 2, eval_rows=10)
+    with pytest.raises(ConfigError, match="pipeline.transport=inprocess runs every rank in one process"):
+        make_plan(problem(ranks=2), model_spec(conf, data), 2, eval_rows=10)
+
+
+def test_lowered_schedules_feed_the_runtime_only_what_it_expects():
+    schedule = lower(build_schedule("interleaved_1f1b", 2, 4, 2), 2)
+    kinds = {a.kind for acts in schedule.values() for a in acts}
+    assert kinds == {"F", "BW", "SEND_F", "RECV_F", "SEND_B", "RECV_B"}
+    assert all(hasattr(Runtime, "_" + kind) for kind in kinds | {"B", "W"})
+    assert callable(execute)

@@ -1,0 +1,363 @@
+"""Tests for pipeline.simulate: the validator's error messages and the simulated costs."""
+
+from __future__ import annotations
+
+import pytest
+
+from pipeline.schedule import (
+    Action,
+    Schedule,
+    gpipe,
+    interleaved_1f1b,
+    lower,
+    one_f_one_b,
+    zb_h1,
+)
+from pipeline.simulate import ScheduleError, SimResult, format_summary, simulate, validate
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def _acts(text: str) -> list[Action]:
+    """Actions from a space-separated string such as "0F0 0BW0"."""
+    return [Action.parse(word) for word in text.split()]
+
+
+def _error(schedule: Schedule, num_ranks: int, num_microbatches: int,
+           virtual_stages: int = 1) -> ScheduleError:
+    """The ScheduleError validate raises for this schedule."""
+    with pytest.raises(ScheduleError) as caught:
+        validate(schedule, num_ranks, num_microbatches, virtual_stages)
+    return caught.value
+
+
+def _summary(error: ScheduleError) -> str:
+    """The first line of the error message, after checking the grid follows it."""
+    first, _, grid = str(error).partition("\n")
+    assert first == error.summary
+    assert grid.startswith("step  rank 0")
+    return first
+
+
+# --- validator: hand-broken schedules -----------------------------------------------------
+
+
+def test_missing_backward() -> None:
+    schedule = one_f_one_b(2, 4)
+    schedule[1].remove(Action(1, "BW", 2))
+    error = _error(schedule, 2, 4)
+    assert _summary(error) == "stage 1 mb 2: missing backward (BW, or B and W)"
+    assert ">" not in str(error)
+
+
+def test_missing_forward() -> None:
+    schedule = gpipe(2, 4)
+    schedule[0].remove(Action(0, "F", 3))
+    assert _summary(_error(schedule, 2, 4)) == "stage 0 mb 3: missing forward (F)"
+
+
+def test_missing_weight_pass_marks_its_b() -> None:
+    schedule = zb_h1(2, 4)
+    schedule[1].remove(Action(1, "W", 3))
+    error = _error(schedule, 2, 4)
+    assert _summary(error) == "stage 1 mb 3: missing weight gradient (W) after its B"
+    assert "   9  0W2    >1B3<" in str(error)
+
+
+def test_w_without_b_and_mixed_bw() -> None:
+    schedule = zb_h1(2, 1)
+    schedule[0].remove(Action(0, "B", 0))
+    assert "stage 0 mb 0: missing input gradient (B) before its W" in str(_error(schedule, 2, 1))
+    schedule = zb_h1(2, 1)
+    schedule[0].append(Action(0, "BW", 0))
+    assert _summary(_error(schedule, 2, 1)) == (
+        "stage 0 mb 0: has both BW and B; use BW alone or B then W")
+
+
+def test_b_before_f_is_rejected_with_marker() -> None:
+    schedule = zb_h1(2, 4)
+    assert schedule[1][8:10] == _acts("1F3 1B3")
+    schedule[1][8:10] = _acts("1B3 1F3")
+    error = _error(schedule, 2, 4)
+    assert _summary(error) == "rank 1: 1B3 runs before 1F3"
+    assert "   8  0B2    >1B3<" in str(error)
+
+
+def test_w_before_b_is_rejected() -> None:
+    schedule = zb_h1(2, 4)
+    schedule[0][2:4] = _acts("0W0 0B0")
+    assert _summary(_error(schedule, 2, 4)) == "rank 0: 0W0 runs before 0B0"
+
+
+def test_local_stage_order_is_checked_on_one_rank() -> None:
+    schedule = gpipe(1, 1, 2)
+    schedule[0][0:2] = _acts("1F0 0F0")
+    assert _summary(_error(schedule, 1, 1, 2)) == "rank 0: 1F0 runs before 0F0"
+
+
+def test_duplicate_action() -> None:
+    schedule = one_f_one_b(2, 4)
+    schedule[0].append(Action(0, "F", 1))
+    error = _error(schedule, 2, 4)
+    assert _summary(error) == "rank 0: 0F1 appears twice (steps 1 and 8)"
+    assert "   8 >0F1<" in str(error)
+
+
+def test_action_on_wrong_rank() -> None:
+    schedule = one_f_one_b(2, 2)
+    schedule[1].remove(Action(1, "F", 0))
+    schedule[0].insert(0, Action(1, "F", 0))
+    error = _error(schedule, 2, 2)
+    assert _summary(error) == "rank 0: 1F0 is on the wrong rank (stage 1 lives on rank 1)"
+    assert "   0 >1F0<    1BW0" in str(error)
+
+
+@pytest.mark.parametrize(
+    "schedule, message",
+    [
+        ({0: _acts("0F0 0BW0"), 2: []}, "unknown rank 2: ranks are 0..1"),
+        ({0: _acts("0F0 2F0")}, "rank 0: 2F0 names stage 2, but stages are 0..1"),
+        ({0: _acts("0F0 0F1")}, "rank 0: 0F1 names micro-batch 1, but micro-batches are 0..0"),
+        ({0: [Action(0, "X", 0)]}, "rank 0: 0X0 has unknown kind 'X'"),
+        ({0: ["0F0"]}, "rank 0: '0F0' is not an Action(stage_index, kind, mb_index)"),
+    ],
+)
+def test_malformed_entries(schedule: Schedule, message: str) -> None:
+    assert _summary(_error(schedule, 2, 1)) == message
+
+
+def test_unmatched_send() -> None:
+    schedule = lower(one_f_one_b(2, 4), 2)
+    schedule[1].remove(Action(1, "RECV_F", 2))
+    error = _error(schedule, 2, 4)
+    assert _summary(error) == "rank 0: 0SEND_F2 has no matching RECV_F on rank 1"
+    assert ">0SEND_F2<" in str(error)
+
+
+def test_unmatched_recv() -> None:
+    schedule = lower(one_f_one_b(2, 4), 2)
+    schedule[0].remove(Action(0, "SEND_F", 2))
+    error = _error(schedule, 2, 4)
+    assert _summary(error) == "rank 1: 1RECV_F2 has no matching SEND_F on rank 0"
+    assert ">1RECV_F2<" in str(error)
+
+
+def test_unmatched_gradient_send() -> None:
+    schedule = lower(zb_h1(3, 2), 3)
+    schedule[1].remove(Action(1, "RECV_B", 1))
+    assert _summary(_error(schedule, 3, 2)) == "rank 2: 2SEND_B1 has no matching RECV_B on rank 1"
+
+
+def test_send_without_peer_stage() -> None:
+    schedule = lower(one_f_one_b(2, 1), 2)
+    schedule[1].append(Action(1, "SEND_F", 0))
+    assert _summary(_error(schedule, 2, 1)) == "rank 1: 1SEND_F0 has no peer stage 2 to talk to"
+
+
+def test_lowered_schedule_missing_both_ends_of_a_transfer() -> None:
+    schedule = lower(one_f_one_b(2, 4), 2)
+    schedule[0].remove(Action(0, "SEND_F", 2))
+    schedule[1].remove(Action(1, "RECV_F", 2))
+    assert _summary(_error(schedule, 2, 4)) == (
+        "rank 1: 1F2 needs 1RECV_F2, which is not in the schedule")
+
+
+def test_send_before_its_compute() -> None:
+    schedule = lower(one_f_one_b(2, 2), 2)
+    schedule[0][2:4] = _acts("0SEND_F1 0F1")
+    assert _summary(_error(schedule, 2, 2)) == "rank 0: 0SEND_F1 runs before 0F1"
+
+
+def test_deadlock_when_both_ranks_receive_first() -> None:
+    schedule = {0: _acts("0RECV_B0 0F0 0SEND_F0 0BW0"), 1: _acts("1RECV_F0 1F0 1BW0 1SEND_B0")}
+    error = _error(schedule, 2, 1)
+    assert _summary(error) == (
+        "deadlock: no rank can progress; waiting: rank 0 at 0RECV_B0, rank 1 at 1RECV_F0")
+    assert "   0 >0RECV_B0< 1RECV_F0\n   1  0F0       1F0\n" in str(error)
+
+
+def test_deadlock_in_compute_only_schedule() -> None:
+    schedule = {0: _acts("0F0 0BW0 0F1 0BW1"), 1: _acts("1F1 1BW1 1F0 1BW0")}
+    assert _summary(_error(schedule, 2, 2)) == (
+        "deadlock: no rank can progress; waiting: rank 0 at 0BW0, rank 1 at 1F1")
+
+
+def test_deadlock_names_where_every_stuck_rank_waits() -> None:
+    schedule = {0: _acts("0F0 0F1 0BW1 0BW0"), 1: _acts("1F0 1BW0 1F1 1BW1"),
+                2: _acts("2F1 2BW1 2F0 2BW0")}
+    error = _error(schedule, 3, 2)
+    assert _summary(error) == (
+        "deadlock: no rank can progress; waiting: rank 0 at 0BW1, rank 1 at 1BW0, rank 2 at 2F1")
+    assert "   2 >0BW1<   1F1     2F0" in str(error)
+
+
+def test_validate_rejects_bad_counts() -> None:
+    with pytest.raises(ValueError, match="num_microbatches must be an integer >= 1, got 0"):
+        validate(one_f_one_b(2, 2), 2, 0)
+
+
+def test_validate_accepts_hand_written_valid_schedule() -> None:
+    schedule = {0: _acts("0F0 0F1 0B1 0B0 0W0 0W1"), 1: _acts("1F1 1F0 1BW1 1BW0")}
+    validate(schedule, 2, 2)
+    validate(lower(schedule, 2), 2, 2)
+
+
+def test_simulate_raises_on_invalid_schedule() -> None:
+    with pytest.raises(ScheduleError, match="stage 0 mb 1: missing forward"):
+        simulate({0: _acts("0F0 0BW0 0BW1")}, 1, 2)
+
+
+# --- simulator: bubbles -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("generator", [gpipe, one_f_one_b])
+def test_gpipe_and_1f1b_bubble_is_exact(generator) -> None:
+    for p in range(1, 9):
+        for m in range(1, 17):
+            result = simulate(generator(p, m), p, m)
+            assert result.makespan == 3 * (m + p - 1)
+            assert result.busy == {rank: 3 * m for rank in range(p)}
+            for bubble in result.bubble.values():
+                assert bubble == pytest.approx((p - 1) / (m + p - 1))
+
+
+def test_zb_h1_makespan_and_bubble() -> None:
+    for p in range(1, 9):
+        for m in range(1, 17):
+            result = simulate(zb_h1(p, m), p, m)
+            assert result.makespan == 3 * m + p - 1 + max(0, p - m)
+            if m >= p:
+                assert result.bubble[0] == pytest.approx((p - 1) / (3 * m + p - 1))
+
+
+def test_numbers_at_four_ranks_eight_microbatches() -> None:
+    results = {name: simulate(make(4, 8), 4, 8)
+               for name, make in (("gpipe", gpipe), ("1f1b", one_f_one_b), ("zb_h1", zb_h1))}
+    assert [results[n].makespan for n in ("gpipe", "1f1b", "zb_h1")] == [33, 33, 27]
+    assert results["1f1b"].bubble[0] == pytest.approx(3 / 11)
+    assert results["zb_h1"].bubble[0] == pytest.approx(1 / 9)
+    idle = {name: r.makespan - r.busy[0] for name, r in results.items()}
+    assert idle == {"gpipe": 9, "1f1b": 9, "zb_h1": 3}  # ZB-H1 idles a third as long
+    ratio = results["zb_h1"].bubble[0] / results["1f1b"].bubble[0]
+    assert ratio == pytest.approx(11 / 27)
+    assert ratio < 0.41
+
+
+@pytest.mark.parametrize(
+    "p, m, v, makespan, bubble",
+    [(4, 8, 2, 57, 3 / 19), (2, 4, 2, 27, 1 / 9), (4, 8, 3, 81, 1 / 9), (8, 16, 2, 117, 7 / 39)],
+)
+def test_interleaved_bubble_literal(p: int, m: int, v: int, makespan: int, bubble: float) -> None:
+    result = simulate(interleaved_1f1b(p, m, v), p, m, v)
+    assert result.makespan == makespan
+    assert list(result.bubble.values()) == [pytest.approx(bubble)] * p
+
+
+def test_interleaved_bubble_formula_when_p_divides_m() -> None:
+    for p in range(1, 9):
+        for m in range(p, 17, p):
+            for v in (2, 3):
+                result = simulate(interleaved_1f1b(p, m, v), p, m, v)
+                assert result.bubble[0] == pytest.approx((p - 1) / (v * m + p - 1))
+
+
+def test_interleaved_never_idles_longer_than_1f1b_per_unit_of_work() -> None:
+    for p in range(2, 7):
+        for m in range(1, 13):
+            for v in (2, 3):
+                idle = simulate(interleaved_1f1b(p, m, v), p, m, v).makespan - 3 * v * m
+                assert idle <= v * 3 * (p - 1)  # 1F1B idles 3(p-1) units of full-stage work
+
+
+# --- simulator: memory --------------------------------------------------------------------
+
+
+def test_peak_stash_per_schedule() -> None:
+    for p in range(1, 9):
+        for m in range(1, 17):
+            expected_1f1b = {r: min(p - r, m) for r in range(p)}
+            assert simulate(gpipe(p, m), p, m).peak_stash == {r: m for r in range(p)}
+            assert simulate(one_f_one_b(p, m), p, m).peak_stash == expected_1f1b
+            zb = simulate(zb_h1(p, m), p, m)
+            assert zb.peak_awaiting_b == expected_1f1b
+            assert zb.peak_stash == {r: min(p, m) for r in range(p)}
+
+
+def test_peak_stash_interleaved_and_looped_gpipe() -> None:
+    assert simulate(interleaved_1f1b(4, 8, 2), 4, 8, 2).peak_stash == {0: 11, 1: 9, 2: 7, 3: 5}
+    assert simulate(gpipe(2, 3, 2), 2, 3, 2).peak_stash == {0: 6, 1: 6}
+
+
+# --- simulator: costs and timeline --------------------------------------------------------
+
+
+def test_timeline_literal() -> None:
+    result = simulate(zb_h1(2, 2), 2, 2)
+    assert result.makespan == 7
+    assert [(s, e, str(a)) for s, e, a in result.timeline[0]] == [
+        (0, 1, "0F0"), (1, 2, "0F1"), (3, 4, "0B0"), (4, 5, "0W0"), (5, 6, "0B1"), (6, 7, "0W1")]
+    assert [(s, e, str(a)) for s, e, a in result.timeline[1]] == [
+        (1, 2, "1F0"), (2, 3, "1B0"), (3, 4, "1F1"), (4, 5, "1B1"), (5, 6, "1W0"), (6, 7, "1W1")]
+
+
+def test_comm_latency_same_with_and_without_lowering() -> None:
+    schedule = one_f_one_b(2, 1)
+    costs = {"comm": 0.5}
+    assert simulate(schedule, 2, 1, costs=costs).makespan == 7
+    assert simulate(lower(schedule, 2), 2, 1, costs=costs).makespan == 7
+
+
+def test_comm_actions_with_cost_appear_in_timeline() -> None:
+    result = simulate(lower(one_f_one_b(2, 1), 2), 2, 1, costs={"SEND_F": 0.25})
+    assert [(s, e, str(a)) for s, e, a in result.timeline[0]] == [
+        (0, 1, "0F0"), (1, 1.25, "0SEND_F0"), (4.25, 6.25, "0BW0")]
+    assert result.busy[0] == 3
+
+
+def test_per_kind_and_per_stage_costs() -> None:
+    result = simulate(zb_h1(1, 2), 1, 2, costs={"F": 2, "B": 3, "W": 0.5})
+    assert result.makespan == 11
+    assert simulate(gpipe(2, 2), 2, 2, costs={"B": 2, "W": 2}).makespan == 2 * 1 + 1 + 2 * 4 + 4
+    slow_last = simulate(gpipe(2, 1), 2, 1, costs=lambda a: (a.stage_index + 1) * (
+        2 if a.kind == "BW" else 1))
+    assert slow_last.makespan == 1 + 2 + 4 + 2
+    assert slow_last.bubble[0] == pytest.approx(1 - 3 / 9)
+
+
+def test_zero_costs_give_zero_bubble() -> None:
+    result = simulate(one_f_one_b(2, 2), 2, 2, costs={"F": 0, "B": 0, "W": 0})
+    assert result.makespan == 0
+    assert result.bubble == {0: 0.0, 1: 0.0}
+
+
+@pytest.mark.parametrize(
+    "costs, message",
+    [({"X": 1}, r"unknown cost keys \['X'\]"), ({"F": -1}, "costs must be non-negative")],
+)
+def test_bad_costs(costs: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        simulate(one_f_one_b(2, 2), 2, 2, costs=costs)
+
+
+def test_format_summary() -> None:
+    result = SimResult(makespan=10, busy={0: 8, 1: 6.5}, bubble={0: 0.2, 1: 0.35},
+                       peak_stash={0: 2, 1: 1}, timeline={0: [], 1: []},
+                       peak_awaiting_b={0: 2, 1: 1}, steps=4)
+    assert format_summary(result) == """\
+makespan 10, 4 steps
+rank  busy  bubble  peak_stash  peak_awaiting_b
+   0     8   20.0%           2                2
+   1   6.5   35.0%           1                1"""
+
+
+def test_negative_callable_cost_is_rejected() -> None:
+    with pytest.raises(ValueError, match="cost of 0F0 must be non-negative, got -1"):
+        simulate(one_f_one_b(1, 1), 1, 1, costs=lambda action: -1)
+
+
+def test_schedule_error_survives_pickling() -> None:
+    import pickle
+
+    error = _error({0: _acts("0F0")}, 1, 1)
+    copy = pickle.loads(pickle.dumps(error))
+    assert isinstance(copy, ScheduleError) and str(copy) == str(error)

@@ -1,0 +1,39 @@
+"""One rank of a multi-process test, started by tests/launch.py with torchrun's variables set.
+
+    python tests/workers/rank.py train CASES_JSON OUT_DIR   # train each case in one gloo group
+    python tests/workers/rank.py silent                     # join the group, then never answer
+"""
+
+import json
+import os
+import sys
+import time
+from datetime import timedelta
+
+import torch.distributed as dist
+
+from pipeline.equivalence import problem
+from pipeline.trainer import train
+from pipeline.transport import PeerTimeout
+
+
+def main() -> int:
+    mode = sys.argv[1]
+    dist.init_process_group("gloo", timeout=timedelta(seconds=60))
+    if mode == "silent":
+        time.sleep(120)  # the test kills this process long before
+        return 0
+    cases, out_dir = json.loads(sys.argv[2]), sys.argv[3]
+    try:
+        for i, case in enumerate(cases):
+            case = {**case, "transport": "p2p", "ranks": None}  # p is the world size here
+            train(problem(**case), os.path.join(out_dir, f"case{i}"))
+    except PeerTimeout as err:
+        print(f"PeerTimeout: {err}", flush=True)
+        os._exit(3)  # the peer is gone: no barrier, no clean shutdown to wait for
+    dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
