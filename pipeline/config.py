@@ -91,6 +91,7 @@ class CheckpointConfig:
 class DistConfig:
     backend: str
     timeout_s: float
+    device: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -251,7 +252,8 @@ def parse(cfg: DictConfig | Mapping[str, Any]) -> Config:
         loss=LossConfig(_choice("loss.name", loss.get("name"), LOSSES), _float("loss.l2", loss.get("l2"))),
         checkpoint=CheckpointConfig(_bool("checkpoint.save_initial", checkpoint.get("save_initial"))),
         dist=DistConfig(_choice("dist.backend", dist.get("backend"), ("auto", "gloo", "nccl")),
-                        _float("dist.timeout_s", dist.get("timeout_s"), positive=True)),
+                        _float("dist.timeout_s", dist.get("timeout_s"), positive=True),
+                        _choice("dist.device", dist.get("device", "auto"), ("auto", "cpu", "cuda"))),
     )
     if conf.pipeline.microbatches > conf.train.batch_size:
         raise ConfigError(f"pipeline.microbatches={conf.pipeline.microbatches} exceeds train.batch_size="

@@ -17,7 +17,9 @@ from typing import Iterator
 import torch
 import torch.distributed as dist
 
-from pipeline.transport import InProcessTransport, Mailboxes, P2PTransport, PeerTimeout
+from pipeline.config import DistConfig
+from pipeline.errors import ConfigError
+from pipeline.transport import Mailboxes, P2PTransport, PeerTimeout
 
 
 @dataclass(frozen=True)
@@ -41,27 +43,40 @@ def read_env() -> Env:
     )
 
 
-def backend_for(name: str) -> str:
-    """`auto` picks NCCL when CUDA is there, gloo otherwise."""
+def device_for(name: str, env: Env, distributed: bool) -> torch.device:
+    """`auto` is cuda when CUDA is there, else cpu; each process of a job takes GPU LOCAL_RANK."""
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("dist.device=cuda but no CUDA device is visible; use dist.device=cpu or auto")
+    if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    return torch.device("cuda", env.local_rank if distributed else 0)
+
+
+def backend_for(name: str, device: torch.device) -> str:
+    """`auto` picks NCCL for CUDA tensors, gloo for CPU tensors."""
     if name == "auto":
-        return "nccl" if torch.cuda.is_available() else "gloo"
+        return "nccl" if device.type == "cuda" else "gloo"
+    if name == "nccl" and device.type != "cuda":
+        raise ConfigError("dist.backend=nccl needs CUDA tensors but dist.device is cpu; use dist.backend=gloo or auto")
     return name
 
 
 class Comm:
     """The ranks this process runs and how they reach the others."""
 
-    def __init__(self, local_ranks: list[int], transports: dict, distributed: bool, timeout_s: float):
+    def __init__(self, local_ranks: list[int], transports: dict, distributed: bool, timeout_s: float,
+                 device: torch.device):
         self.local_ranks = local_ranks
         self.transports = transports
         self.distributed = distributed
         self.timeout_s = timeout_s
+        self.device = device  # where this process's stages and batches live
 
     def sum(self, value: float) -> float:
         """The sum of `value` over every process (all call it at the same point)."""
         if not self.distributed:
             return value
-        total = torch.tensor([value], dtype=torch.float64)
+        total = torch.tensor([value], dtype=torch.float64, device=self.device)
         dist.all_reduce(total)
         return float(total)
 
@@ -82,19 +97,29 @@ def _bind_loopback(env: Env) -> None:
         os.environ["GLOO_SOCKET_IFNAME"] = "lo"
 
 
+def plan_devices(env: Env, transport: str, conf: DistConfig) -> tuple[torch.device, str | None]:
+    """(device, backend or None when no process group is needed); raises ConfigError before any start."""
+    distributed = transport == "p2p" and env.world_size > 1
+    device = device_for(conf.device, env, distributed)
+    return device, backend_for(conf.backend, device) if distributed else None
+
+
 @contextmanager
-def connect(env: Env, num_ranks: int, transport: str, backend: str, timeout_s: float) -> Iterator[Comm]:
+def connect(env: Env, num_ranks: int, transport: str, conf: DistConfig) -> Iterator[Comm]:
     """The Comm for this process; starts (and later ends) the process group when one is needed."""
-    if transport == "inprocess" or env.world_size == 1:
+    device, backend = plan_devices(env, transport, conf)
+    if backend is None:
         mailboxes = Mailboxes()
         ranks = list(range(num_ranks))
-        yield Comm(ranks, {r: mailboxes.endpoint(r) for r in ranks}, distributed=False, timeout_s=timeout_s)
+        yield Comm(ranks, {r: mailboxes.endpoint(r) for r in ranks}, False, conf.timeout_s, device)
         return
     owned = not dist.is_initialized()
     if owned:
         _bind_loopback(env)
-        dist.init_process_group(backend_for(backend), timeout=timedelta(seconds=timeout_s))
-    comm = Comm([env.rank], {env.rank: P2PTransport(env.rank, timeout_s)}, distributed=True, timeout_s=timeout_s)
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group(backend, timeout=timedelta(seconds=conf.timeout_s))
+    comm = Comm([env.rank], {env.rank: P2PTransport(env.rank, conf.timeout_s)}, True, conf.timeout_s, device)
     clean = False
     try:
         yield comm

@@ -46,14 +46,15 @@ def layer_generator(seed: int, index: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
 
 
-def init_layer(spec: MLPSpec, index: int, seed: int) -> Layer:
-    """Layer `index`, drawn like torch.nn.Linear: U(-1/sqrt(fan_in), 1/sqrt(fan_in)), in float64."""
+def init_layer(spec: MLPSpec, index: int, seed: int, device: torch.device | str = "cpu") -> Layer:
+    """Layer `index`, drawn like torch.nn.Linear: U(-1/sqrt(fan_in), 1/sqrt(fan_in)), in float64 on the CPU
+    (so every device and dtype starts from the same numbers), then cast and moved."""
     fan_in, fan_out = spec.dims[index], spec.dims[index + 1]
     gen, bound = layer_generator(seed, index), 1 / math.sqrt(fan_in)
 
     def draw(*shape: int) -> torch.Tensor:
         values = torch.rand(*shape, generator=gen, dtype=torch.float64) * 2 * bound - bound
-        return values.to(spec.torch_dtype)
+        return values.to(dtype=spec.torch_dtype, device=device)
 
     weight = draw(fan_out, fan_in)
     bias = draw(fan_out) if spec.bias else None
@@ -61,9 +62,9 @@ def init_layer(spec: MLPSpec, index: int, seed: int) -> Layer:
     return Layer(index, weight, bias, activation)
 
 
-def build_layers(spec: MLPSpec, seed: int, indices: Iterable[int]) -> list[Layer]:
+def build_layers(spec: MLPSpec, seed: int, indices: Iterable[int], device: torch.device | str = "cpu") -> list[Layer]:
     """The layers with the given global indices, freshly initialised."""
-    return [init_layer(spec, i, seed) for i in indices]
+    return [init_layer(spec, i, seed, device) for i in indices]
 
 
 def torch_sequential(spec: MLPSpec) -> torch.nn.Sequential:

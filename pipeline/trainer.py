@@ -19,7 +19,7 @@ from omegaconf import DictConfig
 
 from pipeline import config, data as datasets
 from pipeline.config import Config
-from pipeline.distributed import connect, read_env
+from pipeline.distributed import connect, plan_devices, read_env
 from pipeline.engine import Engine
 from pipeline.errors import ConfigError
 from pipeline.metrics import MetricsLog, progress_bar, summary_line
@@ -52,8 +52,9 @@ def check_batch(conf: Config, data: datasets.Dataset) -> None:
                           f"{data.source}; use a smaller batch")
 
 
-def as_tensors(x, y, spec: MLPSpec) -> tuple[torch.Tensor, torch.Tensor]:
-    return torch.as_tensor(x, dtype=spec.torch_dtype), torch.as_tensor(y, dtype=torch.long)
+def as_tensors(x, y, spec: MLPSpec, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    return (torch.as_tensor(x, dtype=spec.torch_dtype, device=device),
+            torch.as_tensor(y, dtype=torch.long, device=device))
 
 
 def train(cfg: DictConfig | Config, run_dir: str | Path) -> dict[str, Any]:
@@ -65,9 +66,10 @@ def train(cfg: DictConfig | Config, run_dir: str | Path) -> dict[str, Any]:
     check_batch(conf, data)
     test_rows = 0 if data.x_test is None else len(data.x_test)
     plan = make_plan(conf, spec, env.world_size, eval_rows=test_rows)
+    plan_devices(env, conf.pipeline.transport, conf.dist)  # a device or backend that cannot work: refuse now
     torch.manual_seed(conf.train.seed)
 
-    with connect(env, plan.num_ranks, conf.pipeline.transport, conf.dist.backend, conf.dist.timeout_s) as comm:
+    with connect(env, plan.num_ranks, conf.pipeline.transport, conf.dist) as comm:
         engine = Engine(conf, spec, plan, comm)
         return _fit(conf, spec, engine, data, test_rows, Path(run_dir))
 
@@ -76,8 +78,9 @@ def _fit(conf: Config, spec: MLPSpec, engine: Engine, data: datasets.Dataset, te
          run_dir: Path) -> dict[str, Any]:
     t = conf.train
     sampler = datasets.BatchSampler(len(data.x_train), t.batch_size, t.seed, conf.data.shuffle)
-    x_train, y_train = as_tensors(data.x_train, data.y_train, spec)
-    x_test, y_test = as_tensors(data.x_test, data.y_test, spec) if test_rows else (None, None)
+    # only the first stage reads inputs and only the last reads labels; they go to the device once
+    x_train, y_train = as_tensors(data.x_train, data.y_train, spec, engine.comm.device)
+    x_test, y_test = as_tensors(data.x_test, data.y_test, spec, engine.comm.device) if test_rows else (None, None)
     log = MetricsLog(run_dir / "metrics.jsonl", enabled=engine.holds_last)
     if conf.checkpoint.save_initial:
         engine.save(run_dir, 0)
@@ -85,8 +88,10 @@ def _fit(conf: Config, spec: MLPSpec, engine: Engine, data: datasets.Dataset, te
     bar, start, row, test = progress_bar(t.steps, enabled=engine.holds_last), time.perf_counter(), {}, {}
     for step in range(1, t.steps + 1):
         tick = time.perf_counter()
-        rows = torch.as_tensor(sampler.indices(step - 1))
-        loss = engine.train_step(x_train[rows], y_train[rows])  # L where the last stage lives, else None
+        rows = torch.as_tensor(sampler.indices(step - 1), device=x_train.device)
+        x = x_train[rows] if engine.holds_first else None
+        y = y_train[rows] if engine.holds_last else None
+        loss = engine.train_step(x, y)  # L where the last stage lives, else None
         logging, last = step % t.log_every == 0 or step == t.steps, step == t.steps
         reg = engine.regulariser() if logging else 0.0  # s on the weights the loss saw (all ranks)
         engine.update()
@@ -98,7 +103,8 @@ def _fit(conf: Config, spec: MLPSpec, engine: Engine, data: datasets.Dataset, te
             log.write(row)
             bar.set_postfix(loss=f"{row['loss']:.4f}")
         if test_rows and (step % t.eval_every == 0 or last):
-            result = engine.evaluate(x_test, y_test, test_rows)
+            result = engine.evaluate(x_test if engine.holds_first else None,
+                                     y_test if engine.holds_last else None, test_rows)
             if result is not None:
                 test = {"step": step, **result}
                 log.write(test)

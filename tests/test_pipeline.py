@@ -76,7 +76,7 @@ def engine_for(conf):
 def test_evaluation_stashes_nothing():
     conf = problem(schedule="gpipe", ranks=2, microbatches=4)
     data, spec, plan = engine_for(conf)
-    with connect(read_env(), plan.num_ranks, "inprocess", "gloo", 5) as comm:
+    with connect(read_env(), plan.num_ranks, "inprocess", conf.dist) as comm:
         engine = Engine(conf, spec, plan, comm)
         x, y = torch.as_tensor(data.x_test), torch.as_tensor(data.y_test)
         results = engine.run(plan.eval_schedule, x, y, len(x), plan.eval_microbatches, training=False)
@@ -88,7 +88,7 @@ def test_a_step_that_leaves_a_stash_behind_is_caught():
     conf = problem(schedule="zb_h1", ranks=2, microbatches=2)
     data, spec, plan = engine_for(conf)
     broken = {r: [a for a in acts if a != Action(r, "W", 1)] for r, acts in plan.train_schedule.items()}
-    with connect(read_env(), 2, "inprocess", "gloo", 5) as comm:
+    with connect(read_env(), 2, "inprocess", conf.dist) as comm:
         engine = Engine(conf, spec, plan, comm)
         x, y = torch.as_tensor(data.x_train[:10]), torch.as_tensor(data.y_train[:10])
         with pytest.raises(Stuck, match=r"rank 0: step ended with unconsumed state \{'stash': \[\(0, 1\)\]\}"):
@@ -99,7 +99,7 @@ def test_a_receive_nobody_sends_is_reported_not_hung():
     conf = problem(schedule="1f1b", ranks=2, microbatches=2)
     data, spec, plan = engine_for(conf)
     broken = {0: [a for a in plan.train_schedule[0] if a != Action(0, "SEND_F", 1)], 1: plan.train_schedule[1]}
-    with connect(read_env(), 2, "inprocess", "gloo", 5) as comm:
+    with connect(read_env(), 2, "inprocess", conf.dist) as comm:
         engine = Engine(conf, spec, plan, comm)
         x, y = torch.as_tensor(data.x_train[:10]), torch.as_tensor(data.y_train[:10])
         with pytest.raises(Stuck, match="no rank can progress; waiting: rank 0 at 0RECV_B1, rank 1 at 1RECV_F1"):
