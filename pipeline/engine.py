@@ -41,6 +41,7 @@ class Engine:
                            for r in comm.local_ranks}
         self.peak_stash = {r: 0 for r in comm.local_ranks}
         self.peak_awaiting_b = {r: 0 for r in comm.local_ranks}
+        self.peak_stash_bytes = {r: 0 for r in comm.local_ranks}
 
     def _stages_of(self, rank: int) -> list[Stage]:
         return [self.stages[s] for s in self.plan.stages_of(rank)]
@@ -55,27 +56,28 @@ class Engine:
         return self.plan.num_stages - 1 in self.stages
 
     def run(self, schedule, x: Tensor | None, y: Tensor | None, rows: int, num_mbs: int,
-             training: bool) -> dict[int, StepResult]:
+             training: bool, step: int = 0) -> dict[int, StepResult]:
         """One pass of `schedule` over a batch of `rows` rows in `num_mbs` micro-batches, on every local rank."""
         sizes = microbatch.sizes(rows, num_mbs)
         x_mbs = microbatch.split(x, num_mbs) if self.holds_first else None
         y_mbs = microbatch.split(y, num_mbs) if self.holds_last else None
         for runtime in self.runtimes.values():
-            runtime.begin(sizes, x_mbs, y_mbs, training)
+            runtime.begin(sizes, x_mbs, y_mbs, training, step)
         execute(self.runtimes, schedule)
         return {rank: runtime.end() for rank, runtime in self.runtimes.items()}
 
-    def train_step(self, x: Tensor | None, y: Tensor | None) -> Tensor | None:
+    def train_step(self, x: Tensor | None, y: Tensor | None, step: int = 0) -> Tensor | None:
         """Accumulate dJ/dW for one minibatch under the schedule; returns L where the loss lives."""
         for stage in self.stages.values():
             stage.zero_grad()
         results = self.run(self.plan.train_schedule, x, y, self.conf.train.batch_size,
-                            self.plan.num_microbatches, training=True)
+                           self.plan.num_microbatches, training=True, step=step)
         for stage in self.stages.values():
             objective.add_regulariser_grad(stage.weights(), self.conf.loss.l2)  # dJ/dW += lambda W
         for rank, result in results.items():
             self.peak_stash[rank] = max(self.peak_stash[rank], result.peak_stash)
             self.peak_awaiting_b[rank] = max(self.peak_awaiting_b[rank], result.peak_awaiting_b)
+            self.peak_stash_bytes[rank] = max(self.peak_stash_bytes[rank], result.peak_stash_bytes)
         return results[self.plan.last_rank].loss if self.holds_last else None
 
     def regulariser(self) -> float:
@@ -99,7 +101,8 @@ class Engine:
         """Peak stashed micro-batches of every rank (a collective: all ranks call it)."""
         p = self.plan.num_ranks
         figures = {}
-        for name, peaks in (("peak_stash", self.peak_stash), ("peak_awaiting_b", self.peak_awaiting_b)):
+        for name, peaks in (("peak_stash", self.peak_stash), ("peak_awaiting_b", self.peak_awaiting_b),
+                            ("peak_stash_bytes", self.peak_stash_bytes)):
             figures[name] = [int(self.comm.sum(float(peaks.get(r, 0)))) for r in range(p)]
         return figures
 

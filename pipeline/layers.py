@@ -72,8 +72,17 @@ class Saved:
     """
 
     x: Tensor
-    z: Tensor
+    z: Tensor | None
     dz: Tensor | None = None
+
+    def nbytes(self, seen: set[int]) -> int:
+        """Bytes of the tensors held here and not already counted in `seen` (by storage address)."""
+        total = 0
+        for t in (self.x, self.z, self.dz):
+            if t is not None and t.data_ptr() not in seen:
+                seen.add(t.data_ptr())
+                total += t.numel() * t.element_size()
+        return total
 
 
 class Layer:
@@ -102,8 +111,9 @@ class Layer:
         return dh * self.phi_prime(saved.z)  # dJ/dz = dJ/dh (.) phi'(z)
 
     def grad_input(self, dh: Tensor, saved: Saved, need_dx: bool = True) -> Tensor | None:
-        """dJ/dx from dJ/dh; keeps dJ/dz in `saved` for grad_weight."""
+        """dJ/dx from dJ/dh; keeps dJ/dz in `saved` for grad_weight, which needs z no more."""
         saved.dz = self.grad_preactivation(dh, saved)
+        saved.z = None
         return saved.dz @ self.weight if need_dx else None  # dJ/dx = W^T dJ/dz
 
     def grad_weight(self, dh: Tensor | None, saved: Saved) -> tuple[Tensor, Tensor | None]:

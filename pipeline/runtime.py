@@ -14,8 +14,9 @@ receive blocks; in-process, one process drives every rank and a receive waits it
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import torch
 from torch import Tensor
@@ -35,6 +36,17 @@ class Transport(Protocol):
     def flush(self) -> None: ...
 
 
+class TraceEvent(NamedTuple):
+    """One action as a rank ran it: `name` is the action ("1F0", "0SEND_B3") or "WAIT_SENDS"
+    (waiting at the end of a step for this rank's sends to complete); times from time.perf_counter_ns,
+    a clock all processes of one machine share."""
+
+    step: int
+    name: str
+    start_ns: int
+    end_ns: int
+
+
 class Stuck(RuntimeError):
     """The schedule cannot progress (a bug in a schedule that skipped validation)."""
 
@@ -47,6 +59,7 @@ class StepResult:
     correct: int = 0
     peak_stash: int = 0  # most micro-batches held at once between their F and their W
     peak_awaiting_b: int = 0  # most micro-batches held at once between their F and their B
+    peak_stash_bytes: int = 0  # most bytes of stashed activations held at once
     last_action: str = "none"
 
 
@@ -61,6 +74,7 @@ class _StepState:
     grads: dict[Key, Tensor] = field(default_factory=dict)
     outbox: dict[Key, Tensor] = field(default_factory=dict)
     awaiting_b: set[Key] = field(default_factory=set)
+    stash_bytes: dict[Key, int] = field(default_factory=dict)
 
 
 class Runtime:
@@ -73,12 +87,15 @@ class Runtime:
         self.transport, self.loss_name = transport, loss_name
         self.state: _StepState | None = None
         self.result = StepResult()
+        self.events: list[TraceEvent] | None = None  # a list records every action's span (trace.enabled)
+        self.step = 0
 
     def begin(self, mb_sizes: list[int], inputs: list[Tensor] | None, labels: list[Tensor] | None,
-              training: bool = True) -> None:
+              training: bool = True, step: int = 0) -> None:
         """Start a step (training) or an evaluation pass (training=False keeps nothing for backward)."""
         self.state = _StepState(mb_sizes, sum(mb_sizes), training)
         self.result = StepResult()
+        self.step = step
         if 0 in self.stages:
             self.state.inputs.update({(0, mb): x for mb, x in enumerate(inputs)})
         if self.num_stages - 1 in self.stages:
@@ -86,7 +103,10 @@ class Runtime:
 
     def end(self) -> StepResult:
         """Finish the step: wait for this rank's sends; everything received must have been consumed."""
+        start = time.perf_counter_ns()
         self.transport.flush()
+        if self.events is not None and self.state.training:
+            self.events.append(TraceEvent(self.step, "WAIT_SENDS", start, time.perf_counter_ns()))
         leftovers = {name: keys for name in ("inputs", "stash", "grads", "outbox")
                      if (keys := sorted(getattr(self.state, name)))}
         if leftovers:
@@ -103,7 +123,10 @@ class Runtime:
         return True
 
     def run(self, action: Action) -> None:
+        start = time.perf_counter_ns()
         getattr(self, "_" + action.kind)(action.stage_index, action.mb_index)
+        if self.events is not None and self.state.training:
+            self.events.append(TraceEvent(self.step, str(action), start, time.perf_counter_ns()))
         self.result.last_action = str(action)
 
     # --- compute --------------------------------------------------------------------------
@@ -114,8 +137,8 @@ class Runtime:
         if st.training:
             y, st.stash[(s, mb)] = stage.forward(x)
             st.awaiting_b.add((s, mb))
-            self.result.peak_stash = max(self.result.peak_stash, len(st.stash))
-            self.result.peak_awaiting_b = max(self.result.peak_awaiting_b, len(st.awaiting_b))
+            st.stash_bytes[(s, mb)] = Stage.stash_nbytes(st.stash[(s, mb)])
+            self._note_peaks()
         else:
             y = stage.predict(x)
         if stage.is_last:
@@ -124,6 +147,12 @@ class Runtime:
             st.inputs[(s + 1, mb)] = y  # next stage lives here too: hand over locally
         else:
             st.outbox[(s, mb)] = y
+
+    def _note_peaks(self) -> None:
+        st, r = self.state, self.result
+        r.peak_stash = max(r.peak_stash, len(st.stash))
+        r.peak_awaiting_b = max(r.peak_awaiting_b, len(st.awaiting_b))
+        r.peak_stash_bytes = max(r.peak_stash_bytes, sum(st.stash_bytes.values()))
 
     def _loss(self, s: int, mb: int, o: Tensor) -> None:
         y = self.state.labels.pop(mb)
@@ -137,6 +166,8 @@ class Runtime:
         st = self.state
         dx = self.stages[s].backward_input(st.grads.pop((s, mb)), st.stash[(s, mb)])
         st.awaiting_b.discard((s, mb))
+        st.stash_bytes[(s, mb)] = Stage.stash_nbytes(st.stash[(s, mb)])  # z gone, dJ/dz kept for W
+        self._note_peaks()
         if s == 0:
             return
         if s - 1 in self.stages:
@@ -146,6 +177,7 @@ class Runtime:
 
     def _W(self, s: int, mb: int) -> None:
         self.stages[s].backward_weight(self.state.stash.pop((s, mb)))
+        del self.state.stash_bytes[(s, mb)]
 
     def _BW(self, s: int, mb: int) -> None:
         self._B(s, mb)

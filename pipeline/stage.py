@@ -70,6 +70,12 @@ class Stage:
             stash.append(saved)
         return x, stash
 
+    @staticmethod
+    def stash_nbytes(stash: Stash) -> int:
+        """Bytes a micro-batch's stash holds (a tensor shared by two layers counts once)."""
+        seen: set[int] = set()
+        return sum(saved.nbytes(seen) for saved in stash)
+
     def predict(self, x: Tensor) -> Tensor:
         """Forward without keeping anything: what prediction needs."""
         for layer in self.layers:

@@ -91,7 +91,7 @@ def _fit(conf: Config, spec: MLPSpec, engine: Engine, data: datasets.Dataset, te
         rows = torch.as_tensor(sampler.indices(step - 1), device=x_train.device)
         x = x_train[rows] if engine.holds_first else None
         y = y_train[rows] if engine.holds_last else None
-        loss = engine.train_step(x, y)  # L where the last stage lives, else None
+        loss = engine.train_step(x, y, step)  # L where the last stage lives, else None
         logging, last = step % t.log_every == 0 or step == t.steps, step == t.steps
         reg = engine.regulariser() if logging else 0.0  # s on the weights the loss saw (all ranks)
         engine.update()
