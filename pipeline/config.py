@@ -6,7 +6,8 @@ Each error names the key, the value and the fix, on one line (see errors.ConfigE
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Mapping
+from pathlib import Path
+from typing import Any, Mapping, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
@@ -17,9 +18,11 @@ from pipeline.model import DTYPES
 from pipeline.objective import LOSSES
 from pipeline.schedule import SCHEDULES
 
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+AUTO = "auto"  # pipeline.schedule=auto: the planner picks schedule, micro-batches and virtual stages
 OPTIMIZERS = ("sgd", "adam")
 DATASETS = ("digits", "synthetic", "npz")
-PARTITIONS = ("uniform", "params")
+PARTITIONS = ("uniform", "params", "time")
 TRANSPORTS = ("p2p", "inprocess")
 
 
@@ -63,6 +66,7 @@ class PipelineConfig:
     microbatches: int
     virtual_stages: int
     partition: str | tuple[int, ...]
+    memory_gib: float | None = None  # per-rank budget the planner (schedule=auto) must respect
     transport: str = "p2p"  # p2p: one rank per process (torchrun); inprocess: every rank in this process
     ranks: int | None = None  # p; with p2p it must equal the world size
 
@@ -204,14 +208,16 @@ def _partition(value: Any) -> str | tuple[int, ...]:
     if isinstance(value, (list, tuple)):
         return tuple(_int(f"pipeline.partition[{i}]", n) for i, n in enumerate(value))
     if value not in PARTITIONS:
-        raise ConfigError(f"pipeline.partition={value!r} is unknown; use uniform, params, "
+        raise ConfigError(f"pipeline.partition={value!r} is unknown; use uniform, params, time, "
                           "or a list of layer counts per stage, e.g. pipeline.partition=[2,2]")
     return value
 
 
 def _pipeline(raw: Mapping[str, Any]) -> PipelineConfig:
     return PipelineConfig(
-        schedule=_choice("pipeline.schedule", raw.get("schedule"), SCHEDULES),
+        schedule=_choice("pipeline.schedule", raw.get("schedule"), (*SCHEDULES, AUTO)),
+        memory_gib=None if raw.get("memory_gib") is None else _float("pipeline.memory_gib", raw.get("memory_gib"),
+                                                                       positive=True),
         microbatches=_int("pipeline.microbatches", raw.get("microbatches")),
         virtual_stages=_int("pipeline.virtual_stages", raw.get("virtual_stages")),
         partition=_partition(raw.get("partition", "uniform")),
@@ -259,3 +265,15 @@ def parse(cfg: DictConfig | Mapping[str, Any]) -> Config:
         raise ConfigError(f"pipeline.microbatches={conf.pipeline.microbatches} exceeds train.batch_size="
                           f"{conf.train.batch_size}; use at most one micro-batch per example")
     return conf
+
+
+def compose(overrides: Sequence[str] = ()) -> Config:
+    """The checked config that `python -m pipeline.train OVERRIDES` would run (for the other commands)."""
+    from hydra import compose as hydra_compose, initialize_config_dir
+    from hydra.errors import HydraException
+
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            return parse(hydra_compose(config_name="config", overrides=list(overrides)))
+    except HydraException as err:
+        raise ConfigError(" ".join(str(err).split())) from None

@@ -74,11 +74,20 @@ class Comm:
 
     def sum(self, value: float) -> float:
         """The sum of `value` over every process (all call it at the same point)."""
+        return self.sum_list([value])[0]
+
+    def sum_list(self, values: list[float]) -> list[float]:
+        """Element-wise sums over every process (all call it at the same point)."""
         if not self.distributed:
-            return value
-        total = torch.tensor([value], dtype=torch.float64, device=self.device)
+            return list(values)
+        total = torch.tensor(values, dtype=torch.float64, device=self.device)
         dist.all_reduce(total)
-        return float(total)
+        return total.tolist()
+
+    def mean_list(self, values: list[float]) -> list[float]:
+        """Element-wise means over every process."""
+        processes = dist.get_world_size() if self.distributed else 1
+        return [v / processes for v in self.sum_list(values)]
 
     def barrier(self, what: str) -> None:
         if not self.distributed:

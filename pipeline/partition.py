@@ -21,8 +21,8 @@ def uniform(num_layers: int, num_stages: int) -> list[int]:
     return [base + (stage_index >= num_stages - extra) for stage_index in range(num_stages)]
 
 
-def by_params(weights: Sequence[int], num_stages: int) -> list[int]:
-    """Contiguous layer counts that minimise the largest stage's parameter count (exact DP)."""
+def balance(weights: Sequence[float], num_stages: int) -> list[int]:
+    """Contiguous layer counts that minimise the heaviest stage (the block-partition problem, exact DP)."""
     n = len(weights)
     prefix = [0]
     for w in weights:
@@ -50,10 +50,10 @@ def layer_counts(spec: MLPSpec, num_stages: int, partition: str | Sequence[int],
     if num_stages > spec.num_layers:
         raise ConfigError(f"{where} gives {num_stages} stages but the model has {spec.num_layers} layers; "
                           "add layers to model.hidden or use fewer stages")
-    if partition == "uniform":
+    if partition in ("uniform", "time"):  # "time" is re-cut from measured layer times once ranks can agree
         return uniform(spec.num_layers, num_stages)
     if partition == "params":
-        return by_params([spec.layer_params(i) for i in range(spec.num_layers)], num_stages)
+        return balance([spec.layer_params(i) for i in range(spec.num_layers)], num_stages)
     counts = list(partition)
     if len(counts) != num_stages or sum(counts) != spec.num_layers or min(counts) < 1:
         raise ConfigError(f"pipeline.partition={counts} must list {num_stages} layer counts ({where}), each at "

@@ -234,10 +234,12 @@ def _static_checks(schedule: Schedule, layout: _Layout) -> dict[Action, list[Act
     return needs
 
 
-def _cost_model(costs: Costs) -> tuple[Callable[[Action], float], float]:
-    """(duration of an action, latency added to every cross-rank hand-off)."""
+def _cost_model(costs: Costs) -> tuple[Callable[[Action], float], Callable[[Action], float]]:
+    """(duration of an action, delay from a producer finishing to its output reaching another rank)."""
+    if hasattr(costs, "duration") and hasattr(costs, "transfer"):  # a costs.Costs: per stage, per message
+        return costs.duration, costs.transfer
     if callable(costs):
-        return costs, 0.0
+        return costs, lambda producer: 0.0
     table = dict(costs or {})
     unknown = set(table) - set(COMPUTE_KINDS + COMM_KINDS + ("comm",))
     if unknown:
@@ -247,7 +249,7 @@ def _cost_model(costs: Costs) -> tuple[Callable[[Action], float], float]:
     latency = float(table.pop("comm", 0.0))
     kinds = {"F": 1.0, "B": 1.0, "W": 1.0, **{k: 0.0 for k in COMM_KINDS}, **table}
     kinds.setdefault("BW", kinds["B"] + kinds["W"])
-    return (lambda action: kinds[action.kind]), latency
+    return (lambda action: kinds[action.kind]), (lambda producer: latency)
 
 
 @dataclass
@@ -257,7 +259,7 @@ class _Executor:
     needs: Mapping[Action, list[Action]]
     num_ranks: int
     duration: Callable[[Action], float]
-    latency: float  # added when an input comes from another rank
+    transfer: Callable[[Action], float]  # added when an input comes from another rank
     finished: dict[Action, float] = field(default_factory=dict)
 
     def ready_at(self, action: Action, rank: int) -> float | None:
@@ -268,7 +270,7 @@ class _Executor:
             if end is None:
                 return None
             remote = stage_to_rank(need.stage_index, self.num_ranks) != rank
-            ready = max(ready, end + self.latency if remote else end)
+            ready = max(ready, end + self.transfer(need) if remote else end)
         return ready
 
     def advance(self, rank: int, actions: list[Action], run: list[Span]) -> bool:
@@ -289,8 +291,8 @@ class _Executor:
 def _execute(schedule: Schedule, needs: Mapping[Action, list[Action]], layout: _Layout,
              costs: Costs) -> dict[int, list[Span]]:
     """Run every rank's list in order; each action starts once its rank is free and inputs ready."""
-    duration, latency = _cost_model(costs)
-    executor = _Executor(needs, layout.num_ranks, duration, latency)
+    duration, transfer = _cost_model(costs)
+    executor = _Executor(needs, layout.num_ranks, duration, transfer)
     runs: dict[int, list[Span]] = {rank: [] for rank in schedule}
     progress = True
     while progress:
@@ -348,8 +350,8 @@ def simulate(schedule: Schedule, num_ranks: int, num_microbatches: int, virtual_
 
     costs: None (F=B=W=1, BW=B+W, transfers free); a mapping overriding any of F, B, W, BW,
     SEND_F/RECV_F/SEND_B/RECV_B (time the rank spends on that action) and "comm" (latency added
-    to every cross-rank hand-off); or a callable Action -> duration (no latency), e.g. for
-    per-stage costs.
+    to every cross-rank hand-off); a callable Action -> duration (no latency), e.g. for
+    per-stage costs; or a `pipeline.costs.Costs` (per-stage times, per-message transfer times).
     """
     layout = _layout(schedule, num_ranks, num_microbatches, virtual_stages)
     runs = _execute(schedule, _static_checks(schedule, layout), layout, costs)

@@ -24,7 +24,7 @@ from pipeline.engine import Engine
 from pipeline.errors import ConfigError
 from pipeline.metrics import MetricsLog, progress_bar, summary_line
 from pipeline.model import MLPSpec
-from pipeline.plan import make_plan
+from pipeline.plan import make_plan, retime
 
 
 def load_data(conf: Config) -> datasets.Dataset:
@@ -70,6 +70,8 @@ def train(cfg: DictConfig | Config, run_dir: str | Path) -> dict[str, Any]:
     torch.manual_seed(conf.train.seed)
 
     with connect(env, plan.num_ranks, conf.pipeline.transport, conf.dist) as comm:
+        if conf.pipeline.partition == "time":
+            plan = retime(plan, spec, conf, comm.mean_list)
         engine = Engine(conf, spec, plan, comm)
         return _fit(conf, spec, engine, data, test_rows, Path(run_dir))
 
@@ -115,8 +117,11 @@ def _fit(conf: Config, spec: MLPSpec, engine: Engine, data: datasets.Dataset, te
     log.write({"step": t.steps, **stash})
 
     elapsed = time.perf_counter() - start
-    summary = {"steps": t.steps, "ranks": engine.plan.num_ranks, "schedule": conf.pipeline.schedule,
-               "microbatches": engine.plan.num_microbatches}
+    plan = engine.plan
+    summary = {"steps": t.steps, "ranks": plan.num_ranks, "schedule": plan.schedule,
+               "microbatches": plan.num_microbatches}
+    if plan.virtual_stages > 1:
+        summary["virtual_stages"] = plan.virtual_stages
     if engine.holds_last:
         summary.update(loss=row["loss"], objective=row["objective"], **{k: v for k, v in test.items() if k != "step"})
     summary.update(time_s=elapsed, samples_per_s=t.steps * t.batch_size / elapsed, run_dir=str(run_dir))

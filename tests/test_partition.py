@@ -4,7 +4,7 @@ import pytest
 
 from pipeline.errors import ConfigError
 from pipeline.model import MLPSpec
-from pipeline.partition import by_params, layer_counts, stage_layers, uniform
+from pipeline.partition import balance, layer_counts, stage_layers, uniform
 
 pytestmark = pytest.mark.timeout(30)
 SPEC = MLPSpec((64, 512, 16, 16, 16, 10), "relu", True, "float32")  # 5 layers, the first one heavy
@@ -16,8 +16,8 @@ def test_uniform_gives_later_stages_the_extra_layers():
     assert uniform(5, 5) == [1] * 5
 
 
-def test_by_params_minimises_the_heaviest_stage():
-    assert by_params([10, 1, 1, 1, 10, 1], 3) == [1, 3, 2]
+def test_balance_minimises_the_heaviest_stage():
+    assert balance([10, 1, 1, 1, 10, 1], 3) == [1, 3, 2]
     counts = layer_counts(SPEC, 2, "params", "test")
     assert counts == [1, 4]  # 33,280 parameters alone, then the four small layers
     loads = [sum(SPEC.layer_params(i) for i in r) for r in stage_layers(counts)]

@@ -1,0 +1,129 @@
+"""What each action costs: per-stage F, B and W times, transfers, and stashed bytes.
+
+Two sources, one shape: `flop_costs` counts multiply-adds (deterministic, the same on every rank,
+so `pipeline.schedule=auto` can use it without talking), and `measured_costs` times each stage's
+three operations on this machine. The simulator turns either into a predicted timeline.
+
+Per layer with n rows, fan-in a, fan-out b:  F = B = W = 2 n a b flops (one matrix product each);
+the stash of a micro-batch holds each layer's input x (n x a) and pre-activation z (n x b).
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from pipeline.model import MLPSpec, build_layers
+from pipeline.schedule import Action, Schedule
+from pipeline.stage import Stage
+
+KINDS = ("F", "B", "W")
+
+
+@dataclass(frozen=True)
+class Costs:
+    """Seconds per action and per transfer, for one micro-batch size."""
+
+    compute: dict[tuple[int, str], float]  # (stage_index, "F" | "B" | "W") -> seconds
+    message_bytes: dict[int, int]  # stage_index -> bytes of its output activation (= of its output gradient)
+    latency_s: float = 0.0  # per message
+    bandwidth: float = math.inf  # bytes per second
+    send_s: float = 0.0  # time a rank spends posting a send
+    extra: dict[str, float] = field(default_factory=dict)  # e.g. {"update": optimizer step seconds}
+
+    def duration(self, action: Action) -> float:
+        s, kind = action.stage_index, action.kind
+        if kind == "BW":
+            return self.compute[(s, "B")] + self.compute[(s, "W")]
+        if kind in KINDS:
+            return self.compute[(s, kind)]
+        return self.send_s if kind.startswith("SEND") else 0.0
+
+    def transfer(self, producer: Action) -> float:
+        """Time from a producer finishing on one rank to its output being usable on another."""
+        forward = producer.kind in ("F", "SEND_F")  # an activation leaving stage s, else a gradient entering s-1
+        boundary = producer.stage_index if forward else producer.stage_index - 1
+        return self.latency_s + self.message_bytes.get(boundary, 0) / self.bandwidth
+
+
+def layer_flops(spec: MLPSpec, index: int, rows: int) -> float:
+    return 2.0 * rows * spec.dims[index] * spec.dims[index + 1]
+
+
+def stash_bytes(spec: MLPSpec, layers: range, rows: int) -> int:
+    """Bytes one micro-batch leaves stashed on a stage: x and z of each of its layers."""
+    element = torch.empty((), dtype=spec.torch_dtype).element_size()
+    return sum(rows * (spec.dims[i] + spec.dims[i + 1]) * element for i in layers)
+
+
+def _message_bytes(spec: MLPSpec, stage_layers: list[range], rows: int) -> dict[int, int]:
+    element = torch.empty((), dtype=spec.torch_dtype).element_size()
+    return {s: rows * spec.dims[layers[-1] + 1] * element for s, layers in enumerate(stage_layers)}
+
+
+def flop_costs(spec: MLPSpec, stage_layers: list[range], rows: int, flops_per_s: float = 5e10,
+               overhead_s: float = 2e-5) -> Costs:
+    """Costs in proportion to multiply-adds, plus a fixed overhead per layer operation."""
+    compute = {(s, kind): sum(layer_flops(spec, i, rows) / flops_per_s + overhead_s for i in layers)
+               for s, layers in enumerate(stage_layers) for kind in KINDS}
+    return Costs(compute, _message_bytes(spec, stage_layers, rows), latency_s=5e-5, bandwidth=2e9)
+
+
+def time_stage(stage: Stage, rows: int, repeats: int = 5) -> dict[str, float]:
+    """Median seconds of F, B and W of one stage on a micro-batch of `rows` random rows."""
+    x = torch.randn(rows, stage.in_dim, dtype=stage.dtype, device=stage.device)
+    dy = torch.randn(rows, stage.out_dim, dtype=stage.dtype, device=stage.device)
+    times: dict[str, list[float]] = {kind: [] for kind in KINDS}
+    for round_index in range(repeats + 1):  # round 0 warms up caches and the allocator
+        t0 = time.perf_counter()
+        _, stash = stage.forward(x)
+        t1 = time.perf_counter()
+        stage.backward_input(dy, stash)
+        t2 = time.perf_counter()
+        stage.backward_weight(stash)
+        t3 = time.perf_counter()
+        if round_index:
+            for kind, seconds in zip(KINDS, (t1 - t0, t2 - t1, t3 - t2)):
+                times[kind].append(seconds)
+    stage.zero_grad()
+    return {kind: statistics.median(values) for kind, values in times.items()}
+
+
+def measured_costs(spec: MLPSpec, stage_layers: list[range], rows: int, seed: int = 0, repeats: int = 5,
+                   latency_s: float = 5e-5, bandwidth: float = 2e9) -> Costs:
+    """Time every stage's F, B and W here, on this process's threads."""
+    compute = {}
+    for s, layers in enumerate(stage_layers):
+        stage = Stage(s, len(stage_layers), build_layers(spec, seed, layers))
+        for kind, seconds in time_stage(stage, rows, repeats).items():
+            compute[(s, kind)] = seconds
+    return Costs(compute, _message_bytes(spec, stage_layers, rows), latency_s=latency_s, bandwidth=bandwidth)
+
+
+def peak_stash_bytes(schedule: Schedule, bytes_per_row: dict[int, int], mb_sizes: list[int]) -> dict[int, int]:
+    """Per rank, the most stashed bytes held at once: F adds its micro-batch's bytes, W or BW frees them."""
+    peaks = {}
+    for rank, actions in schedule.items():
+        live = peak = 0
+        for a in actions:
+            held = bytes_per_row[a.stage_index] * mb_sizes[a.mb_index]
+            if a.kind == "F":
+                live += held
+                peak = max(peak, live)
+            elif a.kind in ("W", "BW"):
+                live -= held
+        peaks[rank] = peak
+    return peaks
+
+
+def layer_times(spec: MLPSpec, rows: int, seed: int = 0, repeats: int = 5) -> list[float]:
+    """Measured seconds of F + B + W of every layer alone, on a micro-batch of `rows` rows."""
+    times = []
+    for i in range(spec.num_layers):
+        stage = Stage(1, 2, build_layers(spec, seed, [i]))  # not the first stage: B computes dJ/dx too
+        times.append(sum(time_stage(stage, rows, repeats).values()))
+    return times
