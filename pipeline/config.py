@@ -5,7 +5,7 @@ Each error names the key, the value and the fix, on one line (see errors.ConfigE
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -92,6 +92,12 @@ class CheckpointConfig:
 
 
 @dataclass(frozen=True)
+class TraceConfig:
+    enabled: bool = False
+    step: int | None = None  # the step drawn in timeline.png (default: the last)
+
+
+@dataclass(frozen=True)
 class DistConfig:
     backend: str
     timeout_s: float
@@ -108,6 +114,7 @@ class Config:
     loss: LossConfig
     checkpoint: CheckpointConfig
     dist: DistConfig
+    trace: TraceConfig = TraceConfig()
 
 
 def _is_int(value: Any) -> bool:
@@ -261,6 +268,12 @@ def parse(cfg: DictConfig | Mapping[str, Any]) -> Config:
                         _float("dist.timeout_s", dist.get("timeout_s"), positive=True),
                         _choice("dist.device", dist.get("device", "auto"), ("auto", "cpu", "cuda"))),
     )
+    trace = raw.get("trace") or {}
+    conf = replace(conf, trace=TraceConfig(_bool("trace.enabled", trace.get("enabled", False)),
+                                           _optional_int("trace.step", trace.get("step"))))
+    if conf.trace.step is not None and conf.trace.step > conf.train.steps:
+        raise ConfigError(f"trace.step={conf.trace.step} is after the last step ({conf.train.steps}); "
+                          "pick a step in range or leave it null")
     if conf.pipeline.microbatches > conf.train.batch_size:
         raise ConfigError(f"pipeline.microbatches={conf.pipeline.microbatches} exceeds train.batch_size="
                           f"{conf.train.batch_size}; use at most one micro-batch per example")

@@ -127,3 +127,22 @@ def layer_times(spec: MLPSpec, rows: int, seed: int = 0, repeats: int = 5) -> li
         stage = Stage(1, 2, build_layers(spec, seed, [i]))  # not the first stage: B computes dJ/dx too
         times.append(sum(time_stage(stage, rows, repeats).values()))
     return times
+
+
+def time_update(stages: list[Stage], optimizer: torch.optim.Optimizer, l2: float, repeats: int = 5) -> float:
+    """Median seconds of a rank's per-step work outside the schedule: zero_grad, lambda W, optimizer step."""
+    from pipeline.objective import add_regulariser_grad
+
+    def update() -> None:
+        for stage in stages:
+            stage.zero_grad()
+            add_regulariser_grad(stage.weights(), l2)
+        optimizer.step()
+
+    update()  # warm-up: the optimizer allocates its state on the first step
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        update()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)

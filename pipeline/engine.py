@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from pipeline import checkpoint, microbatch, objective
+from pipeline import checkpoint, microbatch, objective, trace
 from pipeline.config import Config
 from pipeline.distributed import Comm
 from pipeline.model import MLPSpec, build_layers
@@ -39,6 +39,9 @@ class Engine:
                          for r in comm.local_ranks}
         self.optimizers = {r: make_optimizer(conf, [p for st in self._stages_of(r) for p in st.parameters()])
                            for r in comm.local_ranks}
+        if conf.trace.enabled:
+            for runtime in self.runtimes.values():
+                runtime.events = []
         self.peak_stash = {r: 0 for r in comm.local_ranks}
         self.peak_awaiting_b = {r: 0 for r in comm.local_ranks}
         self.peak_stash_bytes = {r: 0 for r in comm.local_ranks}
@@ -105,6 +108,29 @@ class Engine:
                             ("peak_stash_bytes", self.peak_stash_bytes)):
             figures[name] = [int(self.comm.sum(float(peaks.get(r, 0)))) for r in range(p)]
         return figures
+
+    def measured_bubble(self, step: int) -> list[float]:
+        """Each rank's idle fraction of `step` from its trace (a collective: all ranks call it).
+
+        The step spans from the earliest action start to the latest end over all ranks.
+        """
+        p = self.plan.num_ranks
+        slots = [0.0] * (3 * p)  # per rank: compute ns, first start, last end
+        for rank, runtime in self.runtimes.items():
+            events = [e for e in runtime.events if e.step == step]
+            slots[rank] = float(sum(e.end_ns - e.start_ns for e in events if trace.is_compute(e.name)))
+            slots[p + rank] = float(min(e.start_ns for e in events))
+            slots[2 * p + rank] = float(max(e.end_ns for e in events))
+        slots = self.comm.sum_list(slots)
+        span = max(slots[2 * p:]) - min(slots[p:2 * p])
+        return [1 - slots[r] / span for r in range(p)]
+
+    def save_trace(self, run_dir: str | Path, step: int | None) -> dict | None:
+        """Every process writes its ranks' events; rank 0 merges trace.json and draws timeline.png."""
+        for rank, runtime in self.runtimes.items():
+            trace.write_rank(run_dir, rank, runtime.events)
+        self.comm.barrier("trace")
+        return trace.finish(run_dir, step) if 0 in self.comm.local_ranks else None
 
     def save(self, run_dir: str | Path, step: int) -> None:
         """Every rank writes its stages' shards; once all have, rank 0 marks the checkpoint complete."""

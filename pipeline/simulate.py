@@ -1,4 +1,11 @@
-"""Validate pipeline schedules and simulate their timing symbolically (pure Python)."""
+"""Validate pipeline schedules and simulate their timing symbolically (pure Python).
+
+    python -m pipeline.simulate --ranks 2 [--measure] [--png timeline.png] [OVERRIDES]
+
+predicts, for the configured model and schedule, the step time, each rank's bubble and its
+peak stashed micro-batches and bytes, from FLOP counts or from costs measured here, and draws
+the predicted timeline like a measured trace.
+"""
 
 from __future__ import annotations
 
@@ -378,3 +385,74 @@ def format_summary(result: SimResult) -> str:
         lines.append(f"{rank:4d}  {result.busy[rank]:4g}  {result.bubble[rank]:6.1%}  "
                      f"{result.peak_stash[rank]:10d}  {result.peak_awaiting_b[rank]:15d}")
     return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    from pipeline.errors import UserError, exit_with
+
+    parser = argparse.ArgumentParser(prog="python -m pipeline.simulate", description=__doc__.splitlines()[0])
+    parser.add_argument("--ranks", type=int, default=2, help="pipeline ranks p (default 2)")
+    parser.add_argument("--measure", action="store_true", help="time each stage here instead of counting FLOPs")
+    parser.add_argument("--threads", type=int, default=1, help="threads while measuring (torchrun gives each rank 1)")
+    parser.add_argument("--latency-us", type=float, default=50.0, help="per-message latency (default 50 us)")
+    parser.add_argument("--bandwidth-gbs", type=float, default=2.0, help="link bandwidth in GB/s (default 2)")
+    parser.add_argument("--png", default="timeline_predicted.png", help="where to draw the predicted timeline")
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. pipeline.schedule=zb_h1")
+    args = parser.parse_args(argv)
+    try:
+        return _predict_command(args)
+    except UserError as err:
+        exit_with(err)
+
+
+def _predict_command(args) -> int:
+    from dataclasses import replace
+
+    import torch
+
+    from pipeline.config import compose
+    from pipeline.costs import flop_costs, measured_costs, peak_stash_bytes, stash_bytes, time_update
+    from pipeline.engine import make_optimizer
+    from pipeline.errors import ConfigError
+    from pipeline.microbatch import sizes
+    from pipeline.model import build_layers
+    from pipeline.plan import make_plan
+    from pipeline.stage import Stage
+    from pipeline.trace import draw_timeline
+    from pipeline.trainer import load_data, model_spec
+
+    if args.ranks < 1:
+        raise ConfigError(f"--ranks={args.ranks} must be >= 1")
+    conf = compose(args.overrides)
+    conf = replace(conf, pipeline=replace(conf.pipeline, transport="inprocess", ranks=args.ranks))
+    spec = model_spec(conf, load_data(conf))
+    plan = make_plan(conf, spec, 1, eval_rows=0)
+    torch.set_num_threads(args.threads)
+    rows, stages = -(-conf.train.batch_size // plan.num_microbatches), list(plan.stage_layers)
+    costs = measured_costs(spec, stages, rows, conf.train.seed) if args.measure else flop_costs(spec, stages, rows)
+    costs = replace(costs, latency_s=args.latency_us * 1e-6, bandwidth=args.bandwidth_gbs * 1e9)
+    result = simulate(plan.train_schedule, plan.num_ranks, plan.num_microbatches, plan.virtual_stages, costs)
+    per_row = {s: stash_bytes(spec, layers, 1) for s, layers in enumerate(stages)}
+    stash = peak_stash_bytes(plan.train_schedule, per_row, sizes(conf.train.batch_size, plan.num_microbatches))
+    update = 0.0
+    for r in range(plan.num_ranks):  # the slowest rank's optimizer step ends the step
+        own = [Stage(s, plan.num_stages, build_layers(spec, 0, stages[s])) for s in plan.stages_of(r)]
+        optimizer = make_optimizer(conf, [p for st in own for p in st.parameters()])
+        update = max(update, time_update(own, optimizer, conf.loss.l2) if args.measure else 0.0)
+    print(f"{plan.schedule}: p={plan.num_ranks} m={plan.num_microbatches} v={plan.virtual_stages}, model "
+          f"{'-'.join(map(str, spec.dims))} {spec.dtype}, batch {conf.train.batch_size}, costs "
+          f"{'measured here' if args.measure else 'from FLOP counts'}")
+    print(f"predicted step time {(result.makespan + update) * 1e3:.2f} ms "
+          f"(schedule {result.makespan * 1e3:.2f} ms + optimizer step {update * 1e3:.2f} ms)")
+    print("rank  bubble  peak_stash  peak_stash_bytes")
+    for r in range(plan.num_ranks):
+        print(f"{r:4d}  {result.bubble[r]:6.1%}  {result.peak_stash[r]:10d}  {stash[r]:16d}")
+    spans = {r: [(a * 1e3, b * 1e3, str(act)) for a, b, act in run] for r, run in result.timeline.items()}
+    print(f"timeline: {draw_timeline(spans, args.png, title=f'predicted: {plan.schedule}', unit='ms')}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -6,6 +6,7 @@ import json
 import re
 import sys
 from collections.abc import Iterable, Mapping
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -19,14 +20,16 @@ EventsByRank = Mapping[int, Iterable[TraceEvent]]
 COMPUTE_TID, COMM_TID = 0, 1
 _RANK_FILE = re.compile(r"rank_(\d+)\.json")
 
-# One colour per compute kind (colour-blind safe pairs from the Okabe-Ito palette).
+# One colour per compute kind (Okabe-Ito: colour-blind safe).
 KIND_COLOURS = {"F": "#56B4E9", "B": "#E69F00", "W": "#009E73", "BW": "#CC79A7"}
 # Communication is drawn muted so it never competes with compute for attention.
 COMM_COLOURS = {"SEND": "#6E6E6E", "RECV": "#B8B8B8", "WAIT": "#D98880"}
+LABEL_SIZE = 8.0  # points, micro-batch numbers inside the boxes
 
 
 # --- events -------------------------------------------------------------------------------
 
+@lru_cache(maxsize=4096)  # a run repeats the same few hundred names many thousand times
 def is_compute(name: str) -> bool:
     """True for F, B, W and BW actions; transfers and WAIT_SENDS are communication."""
     try:
@@ -88,8 +91,9 @@ def _metadata(rank: int) -> list[dict[str, Any]]:
 
 def _complete(rank: int, event: TraceEvent, origin_ns: int) -> dict[str, Any]:
     """One "X" event; ts and dur in microseconds from origin_ns (Chrome's unit)."""
-    return {"name": event.name, "cat": "compute" if is_compute(event.name) else "communication",
-            "ph": "X", "pid": rank, "tid": COMPUTE_TID if is_compute(event.name) else COMM_TID,
+    compute = is_compute(event.name)
+    return {"name": event.name, "cat": "compute" if compute else "communication",
+            "ph": "X", "pid": rank, "tid": COMPUTE_TID if compute else COMM_TID,
             "ts": (event.start_ns - origin_ns) / 1000, "dur": (event.end_ns - event.start_ns) / 1000,
             "args": {"step": event.step}}
 
@@ -159,11 +163,10 @@ def _mix(colour: str, other: str, amount: float) -> tuple[float, float, float]:
 
 def _shade(kind: str, chunk: int, chunks: int) -> tuple[float, float, float]:
     """The kind's colour, light for a rank's first stage and darker for each later one."""
-    if chunks <= 1:
-        return _mix(KIND_COLOURS[kind], "white", 0.0)
-    t = chunk / (chunks - 1)
-    return _mix(KIND_COLOURS[kind], "white", 0.45 * (1 - t)) if t < 0.5 else \
-        _mix(KIND_COLOURS[kind], "black", 0.45 * (t - 0.5))
+    t = chunk / (chunks - 1) if chunks > 1 else 0.5  # 0.5: the plain colour
+    if t < 0.5:
+        return _mix(KIND_COLOURS[kind], "white", 0.9 * (0.5 - t))
+    return _mix(KIND_COLOURS[kind], "black", 0.9 * (t - 0.5))
 
 
 def _text_colour(rgb: tuple[float, float, float]) -> str:
@@ -191,10 +194,10 @@ def _draw_compute(ax, y: float, spans, points_per_unit: float) -> None:
         ax.broken_barh([(start, end - start)], (y - 0.34, 0.56), facecolors=[colour],
                        edgecolors="white", linewidth=0.6)
         label = str(action.mb_index)
-        size = min(9.0, 0.8 * (end - start) * points_per_unit / max(len(label), 1))
-        if size >= 5:  # smaller text is unreadable; the colour still tells the kind
+        # one text size for the whole picture; a box too narrow for it keeps just its colour
+        if (end - start) * points_per_unit >= 0.62 * LABEL_SIZE * len(label) + 2:
             ax.text((start + end) / 2, y - 0.06, label, ha="center", va="center",
-                    fontsize=size, color=_text_colour(colour))
+                    fontsize=LABEL_SIZE, color=_text_colour(colour))
 
 
 def _draw_comm(ax, y: float, spans) -> None:
@@ -232,9 +235,9 @@ def _legend(ax, spans_by_rank: Spans) -> None:
     for key, label in (("SEND", "send"), ("RECV", "recv"), ("WAIT", "wait sends")):
         if any(_comm_colour(n) == COMM_COLOURS[key] for n in names):
             handles.append(Patch(facecolor=COMM_COLOURS[key], label=label))
-    multi = any(len(_rank_stages(s)) > 1 for s in spans_by_rank.values())
-    if multi:
-        handles.append(Patch(facecolor="none", edgecolor="none", label="light → dark: the rank's stages in order"))
+    if any(len(_rank_stages(s)) > 1 for s in spans_by_rank.values()):
+        note = "light \u2192 dark: the rank's stages in order"
+        handles.append(Patch(facecolor="none", edgecolor="none", label=note))
     # above the plot, right-aligned, so the title keeps the left and no row is covered
     ax.legend(handles=handles, loc="lower right", bbox_to_anchor=(1.0, 1.0), ncol=len(handles),
               frameon=False, fontsize=8, handlelength=1.4, columnspacing=1.2)
@@ -271,7 +274,7 @@ def _style_axes(ax, ranks: list[int], spans_by_rank: Spans, window: tuple[float,
                 title: str, unit: str) -> None:
     """Rank 0 on top, time on x, light vertical grid, no box around the plot."""
     ax.set_xlim(window[0], window[1])
-    ax.set_ylim(len(ranks) - 0.5, -0.5)
+    ax.set_ylim(max(len(ranks), 1) - 0.5, -0.5)  # rank 0 on top
     ax.set_yticks(range(len(ranks)), [_rank_label(r, spans_by_rank[r]) for r in ranks], fontsize=9)
     ax.tick_params(axis="y", length=0)
     ax.set_xlabel(f"time ({unit})" if unit else "time", fontsize=9)
@@ -296,7 +299,8 @@ def finish(run_dir: str | Path, step: int | None = None) -> dict[str, Any]:
         raise UserError(f"{_trace_dir(run_dir)}: no trace events to merge (was trace.enabled on?)")
     step = steps[-1] if step is None else step
     if step not in steps:
-        raise UserError(f"{_trace_dir(run_dir)}: no events for step {step}; traced steps {steps[0]}..{steps[-1]}")
+        traced = f"{steps[0]}..{steps[-1]}"
+        raise UserError(f"{_trace_dir(run_dir)}: no events for step {step}; traced steps {traced}")
     trace_path = run_dir / "trace.json"
     trace_path.write_text(json.dumps(chrome_trace(events)))
     bubble = step_bubbles(events, step)

@@ -96,12 +96,14 @@ def _fit(conf: Config, spec: MLPSpec, engine: Engine, data: datasets.Dataset, te
         loss = engine.train_step(x, y, step)  # L where the last stage lives, else None
         logging, last = step % t.log_every == 0 or step == t.steps, step == t.steps
         reg = engine.regulariser() if logging else 0.0  # s on the weights the loss saw (all ranks)
+        bubble = engine.measured_bubble(step) if logging and conf.trace.enabled else None
         engine.update()
         step_time = time.perf_counter() - tick
         if logging and engine.holds_last:
             row = {"step": step, "loss": float(loss), "reg": reg, "objective": float(loss) + reg,
                    "lr": engine.optimizers[engine.plan.last_rank].param_groups[0]["lr"],
-                   "step_time_s": step_time, "samples_per_s": t.batch_size / step_time}
+                   "step_time_s": step_time, "samples_per_s": t.batch_size / step_time,
+                   **({"bubble": bubble} if bubble else {})}
             log.write(row)
             bar.set_postfix(loss=f"{row['loss']:.4f}")
         if test_rows and (step % t.eval_every == 0 or last):
@@ -113,6 +115,7 @@ def _fit(conf: Config, spec: MLPSpec, engine: Engine, data: datasets.Dataset, te
         bar.update(1)
     bar.close()
     engine.save(run_dir, t.steps)
+    traced = engine.save_trace(run_dir, conf.trace.step) if conf.trace.enabled else None
     stash = engine.stash_figures()
     log.write({"step": t.steps, **stash})
 
@@ -127,4 +130,8 @@ def _fit(conf: Config, spec: MLPSpec, engine: Engine, data: datasets.Dataset, te
     summary.update(time_s=elapsed, samples_per_s=t.steps * t.batch_size / elapsed, run_dir=str(run_dir))
     if engine.holds_last:
         print(summary_line(summary), flush=True)
+    if traced:
+        bubbles = " ".join(f"{b:.1%}" for _, b in sorted(traced["bubble"].items()))
+        print(f"pipeline: trace {traced['trace']} timeline {traced['timeline']} (step {traced['step']}, "
+              f"measured bubble per rank {bubbles})", flush=True)
     return {**summary, **stash}

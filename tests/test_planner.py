@@ -121,3 +121,18 @@ def test_flop_costs_grow_with_rows_and_width():
     small, big = flop_costs(spec, stages, 4), flop_costs(spec, stages, 40)
     assert big.compute[(0, "F")] > small.compute[(0, "F")] > small.compute[(1, "F")]
     assert small.message_bytes == {0: 4 * 64 * 4, 1: 4 * 4 * 4}
+
+
+def test_simulate_command_prints_the_prediction_and_draws_it(tmp_path, capsys):
+    from pipeline.simulate import main as simulate_main
+
+    png = tmp_path / "predicted.png"
+    assert simulate_main(["--ranks", "2", "--png", str(png), "pipeline.schedule=zb_h1", "pipeline.microbatches=8"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("zb_h1: p=2 m=8 v=1, model 64-128-128-128-10 float32, batch 64, costs from FLOP counts")
+    assert out[1].startswith("predicted step time") and out[2].split() == ["rank", "bubble", "peak_stash",
+                                                                            "peak_stash_bytes"]
+    assert [line.split()[0] for line in out[3:5]] == ["0", "1"] and png.read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(SystemExit) as stop:
+        simulate_main(["--ranks", "0"])
+    assert stop.value.code == 2
