@@ -146,3 +146,35 @@ def time_update(stages: list[Stage], optimizer: torch.optim.Optimizer, l2: float
         update()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def from_trace(events_by_rank, spec: MLPSpec, stage_layers: list[range], rows: int,
+               skip_steps: int = 1) -> tuple[Costs, float]:
+    """(Costs, update seconds) measured in a traced run: median span of each stage's F, B and W.
+
+    A BW span is split evenly between B and W; a SEND costs the median time to post one. The update
+    time is the median gap between a rank's last action of one step and its first of the next
+    (optimizer step, zero_grad, the batch). Transfers get a 50 us latency and 2 GB/s.
+    """
+    spans: dict[tuple[int, str], list[float]] = {}
+    gaps: list[float] = []
+    sends: list[float] = []
+    for events in events_by_rank.values():
+        events = [e for e in events if e.step > skip_steps]
+        for e in events:
+            if e.name == "WAIT_SENDS":
+                continue
+            action = Action.parse(e.name)
+            seconds = (e.end_ns - e.start_ns) / 1e9
+            if action.kind.startswith("SEND"):
+                sends.append(seconds)
+            kinds = {"BW": ("B", "W")}.get(action.kind, (action.kind,))
+            for kind in kinds:
+                spans.setdefault((action.stage_index, kind), []).append(seconds / len(kinds))
+        for prev, nxt in zip(events, events[1:]):
+            if nxt.step == prev.step + 1:
+                gaps.append((nxt.start_ns - prev.end_ns) / 1e9)
+    compute = {key: statistics.median(values) for key, values in spans.items() if key[1] in KINDS}
+    send_s = statistics.median(sends) if sends else 0.0
+    costs = Costs(compute, _message_bytes(spec, stage_layers, rows), latency_s=5e-5, bandwidth=2e9, send_s=send_s)
+    return costs, statistics.median(gaps) if gaps else 0.0

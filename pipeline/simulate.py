@@ -407,48 +407,71 @@ def main(argv: list[str] | None = None) -> int:
         exit_with(err)
 
 
-def _predict_command(args) -> int:
+@dataclass
+class Prediction:
+    """What the simulator expects of a configured run: step time, bubbles, stashes, the timeline."""
+
+    plan: object  # pipeline.plan.Plan
+    spec: object  # pipeline.model.MLPSpec
+    result: SimResult
+    stash_bytes: dict[int, int]
+    update_s: float  # the slowest rank's optimizer step, outside the schedule
+
+    @property
+    def step_s(self) -> float:
+        return self.result.makespan + self.update_s
+
+
+def predict(conf, ranks: int, measure: bool, latency_s: float = 5e-5, bandwidth: float = 2e9) -> Prediction:
+    """Simulate `conf` on `ranks` ranks with FLOP-count costs or costs measured in this process."""
     from dataclasses import replace
 
-    import torch
-
-    from pipeline.config import compose
     from pipeline.costs import flop_costs, measured_costs, peak_stash_bytes, stash_bytes, time_update
     from pipeline.engine import make_optimizer
-    from pipeline.errors import ConfigError
     from pipeline.microbatch import sizes
     from pipeline.model import build_layers
     from pipeline.plan import make_plan
     from pipeline.stage import Stage
-    from pipeline.trace import draw_timeline
     from pipeline.trainer import load_data, model_spec
 
-    if args.ranks < 1:
-        raise ConfigError(f"--ranks={args.ranks} must be >= 1")
-    conf = compose(args.overrides)
-    conf = replace(conf, pipeline=replace(conf.pipeline, transport="inprocess", ranks=args.ranks))
+    conf = replace(conf, pipeline=replace(conf.pipeline, transport="inprocess", ranks=ranks))
     spec = model_spec(conf, load_data(conf))
     plan = make_plan(conf, spec, 1, eval_rows=0)
-    torch.set_num_threads(args.threads)
     rows, stages = -(-conf.train.batch_size // plan.num_microbatches), list(plan.stage_layers)
-    costs = measured_costs(spec, stages, rows, conf.train.seed) if args.measure else flop_costs(spec, stages, rows)
-    costs = replace(costs, latency_s=args.latency_us * 1e-6, bandwidth=args.bandwidth_gbs * 1e9)
+    costs = measured_costs(spec, stages, rows, conf.train.seed) if measure else flop_costs(spec, stages, rows)
+    costs = replace(costs, latency_s=latency_s, bandwidth=bandwidth)
     result = simulate(plan.train_schedule, plan.num_ranks, plan.num_microbatches, plan.virtual_stages, costs)
     per_row = {s: stash_bytes(spec, layers, 1) for s, layers in enumerate(stages)}
     stash = peak_stash_bytes(plan.train_schedule, per_row, sizes(conf.train.batch_size, plan.num_microbatches))
     update = 0.0
-    for r in range(plan.num_ranks):  # the slowest rank's optimizer step ends the step
+    for r in range(plan.num_ranks) if measure else ():  # the slowest rank's optimizer step ends the step
         own = [Stage(s, plan.num_stages, build_layers(spec, 0, stages[s])) for s in plan.stages_of(r)]
         optimizer = make_optimizer(conf, [p for st in own for p in st.parameters()])
-        update = max(update, time_update(own, optimizer, conf.loss.l2) if args.measure else 0.0)
+        update = max(update, time_update(own, optimizer, conf.loss.l2))
+    return Prediction(plan, spec, result, stash, update)
+
+
+def _predict_command(args) -> int:
+    import torch
+
+    from pipeline.config import compose
+    from pipeline.errors import ConfigError
+    from pipeline.trace import draw_timeline
+
+    if args.ranks < 1:
+        raise ConfigError(f"--ranks={args.ranks} must be >= 1")
+    conf = compose(args.overrides)
+    torch.set_num_threads(args.threads)
+    pred = predict(conf, args.ranks, args.measure, args.latency_us * 1e-6, args.bandwidth_gbs * 1e9)
+    plan, spec, result = pred.plan, pred.spec, pred.result
     print(f"{plan.schedule}: p={plan.num_ranks} m={plan.num_microbatches} v={plan.virtual_stages}, model "
           f"{'-'.join(map(str, spec.dims))} {spec.dtype}, batch {conf.train.batch_size}, costs "
           f"{'measured here' if args.measure else 'from FLOP counts'}")
-    print(f"predicted step time {(result.makespan + update) * 1e3:.2f} ms "
-          f"(schedule {result.makespan * 1e3:.2f} ms + optimizer step {update * 1e3:.2f} ms)")
+    print(f"predicted step time {pred.step_s * 1e3:.2f} ms "
+          f"(schedule {result.makespan * 1e3:.2f} ms + optimizer step {pred.update_s * 1e3:.2f} ms)")
     print("rank  bubble  peak_stash  peak_stash_bytes")
     for r in range(plan.num_ranks):
-        print(f"{r:4d}  {result.bubble[r]:6.1%}  {result.peak_stash[r]:10d}  {stash[r]:16d}")
+        print(f"{r:4d}  {result.bubble[r]:6.1%}  {result.peak_stash[r]:10d}  {pred.stash_bytes[r]:16d}")
     spans = {r: [(a * 1e3, b * 1e3, str(act)) for a, b, act in run] for r, run in result.timeline.items()}
     print(f"timeline: {draw_timeline(spans, args.png, title=f'predicted: {plan.schedule}', unit='ms')}")
     return 0

@@ -1,0 +1,95 @@
+"""Does the simulator predict real step times? Predicted vs measured under torchrun at p=2, per schedule.
+
+    python benchmarks/simulator_accuracy.py [--steps 30] [--model default|small] [--schedules ...]
+
+Two predictions per schedule, both simulated from per-stage F, B, W costs:
+  one-process profile  each stage timed alone in this process, one thread (python -m pipeline.simulate --measure)
+  traced-run profile   the costs seen in a short traced torchrun run (trace.enabled=true), where both
+                       ranks share the machine as they do in training (pipeline.costs.from_trace)
+and the measurement: the median step_time_s of a separate, untraced torchrun run after a warm-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from pipeline import trace
+from pipeline.config import compose
+from pipeline.costs import from_trace
+from pipeline.simulate import predict, simulate
+
+ROOT = Path(__file__).resolve().parents[1]
+MODELS = {
+    "default": ["model.hidden=[1024,1024,1024,1024,1024,1024,1024,1024]", "data=synthetic", "data.dim=256",
+                "data.classes=10", "data.n=4096", "train.batch_size=256", "optim.lr=0.01"],
+    "small": ["model.hidden=[64,64,64,64,64,64,64,64]", "data=synthetic", "data.dim=256", "data.classes=10",
+              "train.batch_size=64", "optim.lr=0.01"],
+}
+SCHEDULES = {"gpipe": 1, "1f1b": 1, "interleaved_1f1b": 2, "zb_h1": 1}
+
+
+def overrides(model: str, schedule: str, m: int) -> list[str]:
+    return MODELS[model] + [f"pipeline.schedule={schedule}", f"pipeline.microbatches={m}",
+                            f"pipeline.virtual_stages={SCHEDULES[schedule]}"]
+
+
+def torchrun(args: list[str], steps: int, run_dir: str, traced: bool) -> list[dict]:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m",
+           "pipeline.train", *args, f"train.steps={steps}", "train.log_every=1", f"train.eval_every={steps}",
+           f"trace.enabled={str(traced).lower()}", f"hydra.run.dir={run_dir}"]
+    subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, timeout=900)
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def median_step(rows: list[dict], warmup: int) -> float:
+    return statistics.median(r["step_time_s"] for r in rows if "loss" in r and r["step"] > warmup)
+
+
+def traced_prediction(args: list[str], steps: int, warmup: int) -> float:
+    """Step time simulated from the costs a short traced run measured."""
+    with tempfile.TemporaryDirectory() as run_dir:
+        torchrun(args, steps, run_dir, traced=True)
+        events = trace.load_ranks(run_dir)
+    pred = predict(compose(args), ranks=2, measure=False)  # for the plan and shapes; costs replaced below
+    plan, spec = pred.plan, pred.spec
+    rows = -(-compose(args).train.batch_size // plan.num_microbatches)
+    costs, update = from_trace(events, spec, list(plan.stage_layers), rows, skip_steps=warmup)
+    result = simulate(plan.train_schedule, 2, plan.num_microbatches, plan.virtual_stages, costs)
+    return result.makespan + update
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=sorted(MODELS), default="default")
+    parser.add_argument("--microbatches", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--schedules", default=",".join(SCHEDULES))
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    print(f"model {args.model}, p=2, m={args.microbatches}, {args.steps} steps (medians after {args.warmup})\n")
+    print("| schedule | one-process profile (ms) | traced-run profile (ms) | measured (ms) | error one-process | "
+          "error traced |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+    for name in args.schedules.split(","):
+        extra = overrides(args.model, name, args.microbatches)
+        alone = predict(compose(extra), ranks=2, measure=True).step_s
+        traced = traced_prediction(extra, args.steps, args.warmup)
+        with tempfile.TemporaryDirectory() as run_dir:
+            real = median_step(torchrun(extra, args.steps, run_dir, traced=False), args.warmup)
+        print(f"| {name} | {alone * 1e3:.1f} | {traced * 1e3:.1f} | {real * 1e3:.1f} | "
+              f"{(alone - real) / real:+.1%} | {(traced - real) / real:+.1%} |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
