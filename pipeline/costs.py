@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from pipeline.layers import ACTIVATIONS
 from pipeline.model import MLPSpec, build_layers
 from pipeline.schedule import Action, Schedule
 from pipeline.stage import Stage
@@ -54,10 +55,22 @@ def layer_flops(spec: MLPSpec, index: int, rows: int) -> float:
     return 2.0 * rows * spec.dims[index] * spec.dims[index + 1]
 
 
-def stash_bytes(spec: MLPSpec, layers: range, rows: int) -> int:
-    """Bytes one micro-batch leaves stashed on a stage: x and z of each of its layers."""
+def stash_bytes(spec: MLPSpec, layers: range, rows: int, after_b: bool = False) -> int:
+    """Bytes one micro-batch keeps stashed on a stage (see layers.Saved).
+
+    Before B: each layer's input x, plus z where phi' needs it (gelu), plus the stage's output h
+    where phi' is written through h (relu, sigmoid, tanh; inside the stage h is the next input).
+    After B (split B and W): each layer's x and dJ/dz.
+    """
     element = torch.empty((), dtype=spec.torch_dtype).element_size()
-    return sum(rows * (spec.dims[i] + spec.dims[i + 1]) * element for i in layers)
+    has_act = [i < spec.num_layers - 1 for i in range(spec.num_layers)]
+    from_output = ACTIVATIONS[spec.activation].from_output
+    if after_b:
+        return rows * element * sum(spec.dims[i] + spec.dims[i + 1] for i in layers)
+    count = sum(spec.dims[i] + (spec.dims[i + 1] if has_act[i] and not from_output else 0) for i in layers)
+    if has_act[layers[-1]] and from_output:
+        count += spec.dims[layers[-1] + 1]
+    return rows * element * count
 
 
 def _message_bytes(spec: MLPSpec, stage_layers: list[range], rows: int) -> dict[int, int]:
@@ -104,18 +117,26 @@ def measured_costs(spec: MLPSpec, stage_layers: list[range], rows: int, seed: in
     return Costs(compute, _message_bytes(spec, stage_layers, rows), latency_s=latency_s, bandwidth=bandwidth)
 
 
-def peak_stash_bytes(schedule: Schedule, bytes_per_row: dict[int, int], mb_sizes: list[int]) -> dict[int, int]:
-    """Per rank, the most stashed bytes held at once: F adds its micro-batch's bytes, W or BW frees them."""
+def peak_stash_bytes(schedule: Schedule, spec: MLPSpec, stage_layers: list[range],
+                     mb_sizes: list[int]) -> dict[int, int]:
+    """Per rank, the most stashed bytes held at once, action by action as the runtime counts them:
+    F adds a micro-batch's stash, B swaps it for its after-B size (x and dJ/dz), W and BW free it."""
+    before = {s: stash_bytes(spec, layers, 1) for s, layers in enumerate(stage_layers)}
+    after = {s: stash_bytes(spec, layers, 1, after_b=True) for s, layers in enumerate(stage_layers)}
     peaks = {}
     for rank, actions in schedule.items():
         live = peak = 0
         for a in actions:
-            held = bytes_per_row[a.stage_index] * mb_sizes[a.mb_index]
+            rows = mb_sizes[a.mb_index]
             if a.kind == "F":
-                live += held
-                peak = max(peak, live)
-            elif a.kind in ("W", "BW"):
-                live -= held
+                live += before[a.stage_index] * rows
+            elif a.kind == "B":
+                live += (after[a.stage_index] - before[a.stage_index]) * rows
+            elif a.kind == "W":
+                live -= after[a.stage_index] * rows
+            elif a.kind == "BW":
+                live -= before[a.stage_index] * rows
+            peak = max(peak, live)
         peaks[rank] = peak
     return peaks
 

@@ -28,19 +28,6 @@ def _relu(z: Tensor) -> Tensor:
     return z.clamp_min(0)
 
 
-def _relu_prime(z: Tensor) -> Tensor:
-    return (z > 0).to(z.dtype)
-
-
-def _sigmoid_prime(z: Tensor) -> Tensor:
-    s = torch.sigmoid(z)
-    return s * (1 - s)
-
-
-def _tanh_prime(z: Tensor) -> Tensor:
-    return 1 - torch.tanh(z) ** 2
-
-
 def _normal_cdf(z: Tensor) -> Tensor:
     return 0.5 * (1 + torch.erf(z / math.sqrt(2)))
 
@@ -54,31 +41,42 @@ def _gelu_prime(z: Tensor) -> Tensor:
     return _normal_cdf(z) + z * pdf
 
 
-# name -> (phi, phi')
-ACTIVATIONS: dict[str, tuple[Fn, Fn]] = {
-    "relu": (_relu, _relu_prime),
-    "sigmoid": (torch.sigmoid, _sigmoid_prime),
-    "tanh": (torch.tanh, _tanh_prime),
-    "gelu": (_gelu, _gelu_prime),
+@dataclass(frozen=True)
+class Activation:
+    """phi and its derivative phi'(z). Where phi' can be written through the output h = phi(z)
+    (relu, sigmoid, tanh), the layer keeps h, which is the next layer's input anyway, instead of
+    z: the same derivative for half the stashed memory."""
+
+    phi: Fn
+    prime: Fn  # phi'(z), computed from h when from_output, else from z
+    from_output: bool
+
+
+ACTIVATIONS: dict[str, Activation] = {
+    "relu": Activation(_relu, lambda h: (h > 0).to(h.dtype), True),  # relu'(z) = [z > 0] = [h > 0]
+    "sigmoid": Activation(torch.sigmoid, lambda h: h * (1 - h), True),  # sigmoid'(z) = h (1 - h)
+    "tanh": Activation(torch.tanh, lambda h: 1 - h * h, True),  # tanh'(z) = 1 - h^2
+    "gelu": Activation(_gelu, _gelu_prime, False),  # gelu'(z) = Phi(z) + z phi(z)
 }
 
 
 @dataclass
 class Saved:
-    """What one layer keeps from forward for its backward: its input x and pre-activation z.
+    """What one layer keeps from forward for its backward: its input x, and z or h for phi'.
 
     `dz` (dJ/dz) is filled by grad_input so grad_weight, which may run later (zero-bubble
-    schedules defer it), does not recompute it.
+    schedules defer it), does not recompute it; z and h are dropped then.
     """
 
     x: Tensor
-    z: Tensor | None
+    z: Tensor | None = None  # pre-activation, when phi' needs it
+    h: Tensor | None = None  # output, when phi' is written through it
     dz: Tensor | None = None
 
     def nbytes(self, seen: set[int]) -> int:
         """Bytes of the tensors held here and not already counted in `seen` (by storage address)."""
         total = 0
-        for t in (self.x, self.z, self.dz):
+        for t in (self.x, self.z, self.h, self.dz):
             if t is not None and t.data_ptr() not in seen:
                 seen.add(t.data_ptr())
                 total += t.numel() * t.element_size()
@@ -93,27 +91,30 @@ class Layer:
         self.weight = weight
         self.bias = bias
         self.activation = activation
-        self.phi, self.phi_prime = ACTIVATIONS[activation] if activation else (None, None)
+        self.act = ACTIVATIONS[activation] if activation else None
 
     def parameters(self) -> list[Tensor]:
         return [self.weight] if self.bias is None else [self.weight, self.bias]
 
     def forward(self, x: Tensor) -> tuple[Tensor, Saved]:
-        z = x @ self.weight.T  # z = W x
-        if self.bias is not None:
-            z = z + self.bias  # z = W x + b
-        h = self.phi(z) if self.phi else z  # h = phi(z); the output layer has o = W h
-        return h, Saved(x, z)
+        if self.bias is None:
+            z = x @ self.weight.T  # z = W x
+        else:
+            z = torch.addmm(self.bias, x, self.weight.T)  # z = W x + b, in one fused kernel
+        if self.act is None:
+            return z, Saved(x)  # the output layer: o = W h, nothing but x needed for backward
+        h = self.act.phi(z)  # h = phi(z)
+        return h, Saved(x, h=h) if self.act.from_output else Saved(x, z=z)
 
     def grad_preactivation(self, dh: Tensor, saved: Saved) -> Tensor:
-        if self.phi_prime is None:
+        if self.act is None:
             return dh  # output layer: dJ/do is already the gradient of the linear map
-        return dh * self.phi_prime(saved.z)  # dJ/dz = dJ/dh (.) phi'(z)
+        return dh * self.act.prime(saved.h if self.act.from_output else saved.z)  # dJ/dz = dJ/dh (.) phi'(z)
 
     def grad_input(self, dh: Tensor, saved: Saved, need_dx: bool = True) -> Tensor | None:
-        """dJ/dx from dJ/dh; keeps dJ/dz in `saved` for grad_weight, which needs z no more."""
+        """dJ/dx from dJ/dh; keeps dJ/dz in `saved` for grad_weight, which needs z and h no more."""
         saved.dz = self.grad_preactivation(dh, saved)
-        saved.z = None
+        saved.z = saved.h = None
         return saved.dz @ self.weight if need_dx else None  # dJ/dx = W^T dJ/dz
 
     def grad_weight(self, dh: Tensor | None, saved: Saved) -> tuple[Tensor, Tensor | None]:
@@ -122,3 +123,9 @@ class Layer:
         d_weight = dz.T @ saved.x  # dJ/dW = dJ/dz x^T
         d_bias = dz.sum(0) if self.bias is not None else None  # dJ/db = dJ/dz
         return d_weight, d_bias
+
+    def accumulate_grad_weight(self, saved: Saved) -> None:
+        """grad_weight added straight into .grad (no temporary): W.grad += dJ/dz x^T, b.grad += dJ/dz."""
+        self.weight.grad.addmm_(saved.dz.T, saved.x)
+        if self.bias is not None:
+            self.bias.grad.add_(saved.dz.sum(0))

@@ -20,7 +20,7 @@ from typing import Callable
 
 from pipeline import microbatch, partition
 from pipeline.config import AUTO, Config, compose
-from pipeline.costs import Costs, flop_costs, layer_times, measured_costs, peak_stash_bytes, stash_bytes
+from pipeline.costs import Costs, flop_costs, layer_times, measured_costs, peak_stash_bytes
 from pipeline.errors import ConfigError, UserError, exit_with
 from pipeline.model import MLPSpec
 from pipeline.schedule import SCHEDULES, VIRTUAL, Action, Schedule, build_schedule, lower, stages_of_rank
@@ -147,8 +147,7 @@ def evaluate_option(conf: Config, spec: MLPSpec, p: int, name: str, m: int, v: i
     rows = math.ceil(conf.train.batch_size / m)
     schedule = lower(build_schedule(name, p, m, v), p)
     result = simulate(schedule, p, m, v, cost_of(list(stages), rows))
-    per_row = {s: stash_bytes(spec, layers, 1) for s, layers in enumerate(stages)}
-    stash = peak_stash_bytes(schedule, per_row, microbatch.sizes(conf.train.batch_size, m))
+    stash = peak_stash_bytes(schedule, spec, list(stages), microbatch.sizes(conf.train.batch_size, m))
     memory = [rank_memory(conf, spec, stages, stages_of_rank(r, p, v), stash[r]) for r in range(p)]
     return Option(name, m, v, result.makespan, max(result.bubble.values()), memory, max(memory) <= budget)
 

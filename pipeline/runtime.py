@@ -166,22 +166,29 @@ class Runtime:
         st = self.state
         dx = self.stages[s].backward_input(st.grads.pop((s, mb)), st.stash[(s, mb)])
         st.awaiting_b.discard((s, mb))
-        st.stash_bytes[(s, mb)] = Stage.stash_nbytes(st.stash[(s, mb)])  # z gone, dJ/dz kept for W
+        st.stash_bytes[(s, mb)] = Stage.stash_nbytes(st.stash[(s, mb)])  # z, h gone; dJ/dz kept for W
         self._note_peaks()
-        if s == 0:
-            return
-        if s - 1 in self.stages:
-            st.grads[(s - 1, mb)] = dx
-        else:
-            st.outbox[(s, mb)] = dx
+        self._hand_back(s, mb, dx)
 
     def _W(self, s: int, mb: int) -> None:
         self.stages[s].backward_weight(self.state.stash.pop((s, mb)))
         del self.state.stash_bytes[(s, mb)]
 
     def _BW(self, s: int, mb: int) -> None:
-        self._B(s, mb)
-        self._W(s, mb)
+        st = self.state
+        dx = self.stages[s].backward(st.grads.pop((s, mb)), st.stash.pop((s, mb)))
+        st.awaiting_b.discard((s, mb))
+        del st.stash_bytes[(s, mb)]
+        self._hand_back(s, mb, dx)
+
+    def _hand_back(self, s: int, mb: int, dx: Tensor | None) -> None:
+        """dJ/d(input of stage s) goes to stage s-1: here, or into the outbox for SEND_B."""
+        if s == 0:
+            return
+        if s - 1 in self.stages:
+            self.state.grads[(s - 1, mb)] = dx
+        else:
+            self.state.outbox[(s, mb)] = dx
 
     # --- transfers ------------------------------------------------------------------------
 

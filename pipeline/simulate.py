@@ -426,7 +426,7 @@ def predict(conf, ranks: int, measure: bool, latency_s: float = 5e-5, bandwidth:
     """Simulate `conf` on `ranks` ranks with FLOP-count costs or costs measured in this process."""
     from dataclasses import replace
 
-    from pipeline.costs import flop_costs, measured_costs, peak_stash_bytes, stash_bytes, time_update
+    from pipeline.costs import flop_costs, measured_costs, peak_stash_bytes, time_update
     from pipeline.engine import make_optimizer
     from pipeline.microbatch import sizes
     from pipeline.model import build_layers
@@ -441,8 +441,7 @@ def predict(conf, ranks: int, measure: bool, latency_s: float = 5e-5, bandwidth:
     costs = measured_costs(spec, stages, rows, conf.train.seed) if measure else flop_costs(spec, stages, rows)
     costs = replace(costs, latency_s=latency_s, bandwidth=bandwidth)
     result = simulate(plan.train_schedule, plan.num_ranks, plan.num_microbatches, plan.virtual_stages, costs)
-    per_row = {s: stash_bytes(spec, layers, 1) for s, layers in enumerate(stages)}
-    stash = peak_stash_bytes(plan.train_schedule, per_row, sizes(conf.train.batch_size, plan.num_microbatches))
+    stash = peak_stash_bytes(plan.train_schedule, spec, stages, sizes(conf.train.batch_size, plan.num_microbatches))
     update = 0.0
     for r in range(plan.num_ranks) if measure else ():  # the slowest rank's optimizer step ends the step
         own = [Stage(s, plan.num_stages, build_layers(spec, 0, stages[s])) for s in plan.stages_of(r)]

@@ -74,7 +74,7 @@ class Stage:
     def stash_nbytes(stash: Stash) -> int:
         """Bytes a micro-batch's stash holds (a tensor shared by two layers counts once)."""
         seen: set[int] = set()
-        return sum(saved.nbytes(seen) for saved in stash)
+        return sum(saved.nbytes(seen) for saved in stash if saved is not None)
 
     def predict(self, x: Tensor) -> Tensor:
         """Forward without keeping anything: what prediction needs."""
@@ -89,11 +89,18 @@ class Stage:
             dy = self.layers[i].grad_input(dy, stash[i], need_dx)
         return dy
 
+    def backward(self, dy: Tensor, stash: Stash) -> Tensor | None:
+        """B and W together (BW), layer by layer, so only one layer's dJ/dz is alive at a time."""
+        for i in reversed(range(len(self.layers))):
+            layer, saved = self.layers[i], stash[i]
+            dy = layer.grad_input(dy, saved, need_dx=i > 0 or not self.is_first)
+            layer.accumulate_grad_weight(saved)
+            stash[i] = None  # this layer's x, z, h and dJ/dz can go now
+        stash.clear()
+        return dy
+
     def backward_weight(self, stash: Stash) -> None:
         """W: accumulate dJ/dW (and dJ/db) of this micro-batch; needs backward_input first."""
         for layer, saved in zip(self.layers, stash):
-            d_weight, d_bias = layer.grad_weight(None, saved)
-            layer.weight.grad.add_(d_weight)
-            if d_bias is not None:
-                layer.bias.grad.add_(d_bias)
+            layer.accumulate_grad_weight(saved)
         stash.clear()  # x, z and dz of this micro-batch are no longer needed

@@ -49,8 +49,7 @@ def test_predicted_stash_bytes_equal_the_runtimes_measurement(schedule, p, v, tm
     from pipeline.partition import uniform
     stages = stage_layers(uniform(spec.num_layers, p * v))
     lowered = lower(build_schedule(schedule, p, 4, v), p)
-    per_row = {s: stash_bytes(spec, layers, 1) for s, layers in enumerate(stages)}
-    predicted = peak_stash_bytes(lowered, per_row, [3, 3, 2, 2])  # a batch of 10 in 4 micro-batches
+    predicted = peak_stash_bytes(lowered, spec, stages, [3, 3, 2, 2])  # a batch of 10 in 4 micro-batches
     assert summary["peak_stash_bytes"] == [predicted[r] for r in range(p)]
 
 
@@ -136,3 +135,11 @@ def test_simulate_command_prints_the_prediction_and_draws_it(tmp_path, capsys):
     with pytest.raises(SystemExit) as stop:
         simulate_main(["--ranks", "0"])
     assert stop.value.code == 2
+
+
+@pytest.mark.parametrize("activation,before", [("relu", 6 + 8 + 5), ("gelu", 6 + 8 + 8 + 5 + 5)])
+def test_stash_bytes_per_micro_batch(activation, before):
+    spec = MLPSpec((6, 8, 5, 3), activation, True, "float64")
+    assert stash_bytes(spec, range(0, 3), 2) == 2 * 8 * before  # the output layer keeps only its input
+    assert stash_bytes(spec, range(0, 2), 1) == 8 * (before - 5 + (5 if activation == "relu" else 0))
+    assert stash_bytes(spec, range(0, 3), 1, after_b=True) == 8 * (6 + 8 + 8 + 5 + 5 + 3)  # x and dJ/dz
