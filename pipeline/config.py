@@ -102,6 +102,7 @@ class DistConfig:
     backend: str
     timeout_s: float
     device: str = "auto"
+    init_timeout_s: float = 300.0
 
 
 @dataclass(frozen=True)
@@ -266,7 +267,8 @@ def parse(cfg: DictConfig | Mapping[str, Any]) -> Config:
         checkpoint=CheckpointConfig(_bool("checkpoint.save_initial", checkpoint.get("save_initial"))),
         dist=DistConfig(_choice("dist.backend", dist.get("backend"), ("auto", "gloo", "nccl")),
                         _float("dist.timeout_s", dist.get("timeout_s"), positive=True),
-                        _choice("dist.device", dist.get("device", "auto"), ("auto", "cpu", "cuda"))),
+                        _choice("dist.device", dist.get("device", "auto"), ("auto", "cpu", "cuda")),
+                        _float("dist.init_timeout_s", dist.get("init_timeout_s", 300), positive=True)),
     )
     trace = raw.get("trace") or {}
     conf = replace(conf, trace=TraceConfig(_bool("trace.enabled", trace.get("enabled", False)),

@@ -81,7 +81,13 @@ class Comm:
         if not self.distributed:
             return list(values)
         total = torch.tensor(values, dtype=torch.float64, device=self.device)
-        dist.all_reduce(total)
+        try:
+            dist.all_reduce(total, async_op=True).wait(timedelta(seconds=self.timeout_s))
+        except RuntimeError as err:
+            error = PeerTimeout(f"rank {dist.get_rank()}: no answer within {self.timeout_s:g} s (dist.timeout_s) "
+                                f"at an all_reduce ({str(err).strip().splitlines()[0][-120:]})")
+            error.report.update(rank=dist.get_rank(), waiting_on="all_reduce")
+            raise error from None
         return total.tolist()
 
     def mean_list(self, values: list[float]) -> list[float]:
@@ -96,7 +102,9 @@ class Comm:
             dist.monitored_barrier(timeout=timedelta(seconds=self.timeout_s)) if dist.get_backend() == "gloo" \
                 else dist.barrier()
         except RuntimeError as err:
-            raise PeerTimeout(f"rank {dist.get_rank()}: barrier ({what}) failed: {str(err).splitlines()[0]}") from None
+            error = PeerTimeout(f"rank {dist.get_rank()}: barrier ({what}) failed: {str(err).splitlines()[0]}")
+            error.report.update(rank=dist.get_rank(), waiting_on=f"barrier ({what})")
+            raise error from None
 
 
 def _bind_loopback(env: Env) -> None:
@@ -113,6 +121,20 @@ def plan_devices(env: Env, transport: str, conf: DistConfig) -> tuple[torch.devi
     return device, backend_for(conf.backend, device) if distributed else None
 
 
+def _join(env: Env, backend: str, conf: DistConfig) -> None:
+    """Start the process group; peers may still be importing, so joining waits dist.init_timeout_s.
+
+    That timeout is also the group's default; every wait during training passes dist.timeout_s.
+    """
+    try:
+        dist.init_process_group(backend, timeout=timedelta(seconds=max(conf.init_timeout_s, conf.timeout_s)))
+    except (RuntimeError, ValueError) as err:  # DistStoreError and friends
+        error = PeerTimeout(f"rank {env.rank}: could not join the process group of {env.world_size} within "
+                            f"{conf.init_timeout_s:g} s (dist.init_timeout_s): {str(err).strip().splitlines()[0]}")
+        error.report.update(rank=env.rank, waiting_on="init_process_group")
+        raise error from None
+
+
 @contextmanager
 def connect(env: Env, num_ranks: int, transport: str, conf: DistConfig) -> Iterator[Comm]:
     """The Comm for this process; starts (and later ends) the process group when one is needed."""
@@ -127,14 +149,11 @@ def connect(env: Env, num_ranks: int, transport: str, conf: DistConfig) -> Itera
         _bind_loopback(env)
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        dist.init_process_group(backend, timeout=timedelta(seconds=conf.timeout_s))
+        _join(env, backend, conf)
     comm = Comm([env.rank], {env.rank: P2PTransport(env.rank, conf.timeout_s)}, True, conf.timeout_s, device)
-    clean = False
-    try:
-        yield comm
-        clean = True
-    finally:
-        if owned:
-            if clean:
-                comm.barrier("end of run")
-            dist.destroy_process_group()
+    yield comm
+    # Only after a clean run: wait for every peer, then close. After an error a peer may be gone
+    # or stopped, and waiting for it would turn a clear error into a hang; exiting closes sockets.
+    if owned:
+        comm.barrier("end of run")
+        dist.destroy_process_group()

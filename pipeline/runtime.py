@@ -15,8 +15,10 @@ receive blocks; in-process, one process drives every rank and a receive waits it
 from __future__ import annotations
 
 import time
+from collections import deque
 from dataclasses import dataclass, field
-from typing import NamedTuple, Protocol
+from contextlib import contextmanager
+from typing import Iterator, NamedTuple, Protocol
 
 import torch
 from torch import Tensor
@@ -24,7 +26,7 @@ from torch import Tensor
 from pipeline import objective
 from pipeline.schedule import Action, Schedule, stage_to_rank
 from pipeline.stage import Stage
-from pipeline.transport import ACTIVATION, GRADIENT, tag
+from pipeline.transport import ACTIVATION, GRADIENT, PeerTimeout, tag
 
 Key = tuple[int, int]  # (stage_index, mb_index)
 
@@ -33,6 +35,7 @@ class Transport(Protocol):
     def send(self, tensor: Tensor, dst: int, tag: int, what: str) -> None: ...
     def can_recv(self, src: int, tag: int) -> bool: ...
     def recv(self, buffer: Tensor, src: int, tag: int, what: str) -> Tensor: ...
+    def pending_sends(self) -> list[str]: ...
     def flush(self) -> None: ...
 
 
@@ -89,6 +92,7 @@ class Runtime:
         self.result = StepResult()
         self.events: list[TraceEvent] | None = None  # a list records every action's span (trace.enabled)
         self.step = 0
+        self.recent: deque[str] = deque(maxlen=12)  # the last completed actions, for hang reports
 
     def begin(self, mb_sizes: list[int], inputs: list[Tensor] | None, labels: list[Tensor] | None,
               training: bool = True, step: int = 0) -> None:
@@ -104,7 +108,8 @@ class Runtime:
     def end(self) -> StepResult:
         """Finish the step: wait for this rank's sends; everything received must have been consumed."""
         start = time.perf_counter_ns()
-        self.transport.flush()
+        with self._reporting("WAIT_SENDS"):
+            self.transport.flush()
         if self.events is not None and self.state.training:
             self.events.append(TraceEvent(self.step, "WAIT_SENDS", start, time.perf_counter_ns()))
         leftovers = {name: keys for name in ("inputs", "stash", "grads", "outbox")
@@ -124,10 +129,23 @@ class Runtime:
 
     def run(self, action: Action) -> None:
         start = time.perf_counter_ns()
-        getattr(self, "_" + action.kind)(action.stage_index, action.mb_index)
+        with self._reporting(str(action)):
+            getattr(self, "_" + action.kind)(action.stage_index, action.mb_index)
         if self.events is not None and self.state.training:
             self.events.append(TraceEvent(self.step, str(action), start, time.perf_counter_ns()))
         self.result.last_action = str(action)
+        self.recent.append(str(action))
+
+    @contextmanager
+    def _reporting(self, doing: str) -> Iterator[None]:
+        """A peer that stops answering: note what this rank was doing and had done, then re-raise."""
+        try:
+            yield
+        except PeerTimeout as err:
+            err.report.update(rank=self.rank, step=self.step, waiting_on=doing,
+                              last_completed=self.result.last_action, recent_actions=list(self.recent),
+                              pending_sends=self.transport.pending_sends())
+            raise
 
     # --- compute --------------------------------------------------------------------------
 

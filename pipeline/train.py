@@ -10,6 +10,7 @@ writes Hydra's .hydra/ folder. A user mistake exits with code 2 and one line on 
 
 from __future__ import annotations
 
+import signal
 import sys
 import time
 
@@ -46,16 +47,31 @@ def _hydra_main(cfg: DictConfig) -> None:
     from pipeline.trainer import train  # imported here so `--help` stays fast
     from pipeline.transport import PeerTimeout
 
+    from pipeline.watchdog import write_hang_report
+
+    run_dir = HydraConfig.get().runtime.output_dir
     try:
-        train(cfg, HydraConfig.get().runtime.output_dir)
+        train(cfg, run_dir)
     except UserError as err:
         exit_with(err)
-    except (PeerTimeout, Stuck) as err:  # a peer died or hung: say who waited on what, no traceback
+    except PeerTimeout as err:  # a peer died or hung: say who waited on what, no traceback
+        write_hang_report(run_dir, err)
         exit_with(err, EXIT_FAILURE, every_rank=True)
+    except Stuck as err:
+        exit_with(err, EXIT_FAILURE, every_rank=True)
+
+
+def _on_sigterm(signum, frame) -> None:
+    """torchrun ends the other ranks with SIGTERM when one fails: report it like a lost peer."""
+    from pipeline.transport import Terminated
+
+    raise Terminated(f"rank {read_env().rank}: terminated by the launcher (SIGTERM), most likely because "
+                     "another rank failed; see its message above")
 
 
 def main() -> None:
     """Run Hydra; its own errors (a bad override, an unknown key) are user errors too: exit 2."""
+    signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         _hydra_main()
     except SystemExit as stop:

@@ -19,7 +19,19 @@ ACTIVATION, GRADIENT = 0, 1
 
 
 class PeerTimeout(RuntimeError):
-    """A peer did not answer within dist.timeout_s, or its connection broke."""
+    """A peer did not answer within dist.timeout_s, or its connection broke.
+
+    `report` gathers what the waiting rank knew (its last actions, its pending sends) on the way
+    up, for hang_report.json.
+    """
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.report: dict = {}
+
+
+class Terminated(PeerTimeout):
+    """The launcher ended this rank (SIGTERM), usually because a peer failed first."""
 
 
 def tag(kind: int, stage_index: int, mb_index: int, num_stages: int) -> int:
@@ -45,6 +57,9 @@ class P2PTransport:
     def recv(self, buffer: torch.Tensor, src: int, tag: int, what: str) -> torch.Tensor:
         self._wait(dist.irecv(buffer, src, tag=tag), what)
         return buffer
+
+    def pending_sends(self) -> list[str]:
+        return [what for _, _, what in self.pending]
 
     def flush(self) -> None:
         """Wait for every send of this step to complete."""
@@ -91,6 +106,9 @@ class InProcessTransport:
             raise PeerTimeout(f"rank {self.rank}: {what}: nothing was sent (in-process transport)")
         buffer.copy_(queue.popleft())
         return buffer
+
+    def pending_sends(self) -> list[str]:
+        return []
 
     def flush(self) -> None:
         pass

@@ -15,6 +15,7 @@ import torch.distributed as dist
 from pipeline.equivalence import problem
 from pipeline.trainer import train
 from pipeline.transport import PeerTimeout
+from pipeline.watchdog import write_hang_report
 
 
 def main() -> int:
@@ -30,6 +31,7 @@ def main() -> int:
             train(problem(**case), os.path.join(out_dir, f"case{i}"))
     except PeerTimeout as err:
         print(f"PeerTimeout: {err}", flush=True)
+        write_hang_report(out_dir, err)
         os._exit(3)  # the peer is gone: no barrier, no clean shutdown to wait for
     dist.destroy_process_group()
     return 0
