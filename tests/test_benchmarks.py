@@ -1,0 +1,62 @@
+"""benchmarks/vs_builtin.py --quick: two processes, a tiny model, every schedule against the built-in."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.timeout(180)
+
+ROOT = Path(__file__).resolve().parents[1]
+SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b", "zb_h1")
+
+
+def table_rows(stdout: str) -> dict[str, list[str]]:
+    """The first Markdown table's data rows, keyed by schedule."""
+    rows = {}
+    for line in stdout.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("| ") and cells[0] in SCHEDULES and cells[0] not in rows:
+            rows[cells[0]] = cells
+    return rows
+
+
+def test_quick_run_compares_every_schedule(tmp_path):
+    out = tmp_path / "raw.json"
+    result = subprocess.run([sys.executable, "benchmarks/vs_builtin.py", "--quick", "--json", str(out)],
+                            cwd=ROOT, capture_output=True, text=True, timeout=170)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    rows = table_rows(result.stdout)
+    assert sorted(rows) == sorted(SCHEDULES), result.stdout
+    for schedule, cells in rows.items():
+        ours, builtin = float(cells[3]), float(cells[4])
+        ratio = float(cells[5].split()[0].strip("*"))
+        for value in (ours, builtin, ratio):
+            assert math.isfinite(value) and value > 0, (schedule, cells)
+    raw = json.loads(out.read_text())
+    assert {c["schedule"] for c in raw["configs"]} == set(SCHEDULES)
+    for c in raw["configs"]:
+        # one step from the same weights on the same batch: the same gradient, the same parameters (float32)
+        assert c["grad_rel_diff"] < 1e-5 and c["param_abs_diff"] < 1e-5, c
+        assert all(b > 0 for b in c["stash_ours"] + c["stash_builtin"]), c
+        assert c["ours_s"] > 0 and c["builtin_s"] > 0 and c["seq_s"] > 0
+    assert raw["overhead"]["ratio"] > 0
+    assert "### Targets" in result.stdout
+
+
+def test_bad_microbatches_are_refused():
+    result = subprocess.run([sys.executable, "benchmarks/vs_builtin.py", "--quick", "--microbatches", "3"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0 and "must divide the batch" in result.stderr
+
+
+def test_workers_are_killed_on_timeout():
+    result = subprocess.run([sys.executable, "benchmarks/vs_builtin.py", "--quick", "--timeout", "1"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0
+    assert "timed out after 1 s" in result.stderr and "killed every worker" in result.stderr
