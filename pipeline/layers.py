@@ -50,10 +50,15 @@ class Activation:
     phi: Fn
     prime: Fn  # phi'(z), computed from h when from_output, else from z
     from_output: bool
+    fused: Callable[[Tensor, Tensor], Tensor] | None = None  # (dJ/dh, h or z) -> dJ/dz in one kernel
+
+
+def _relu_grad(dh: Tensor, h: Tensor) -> Tensor:
+    return torch.ops.aten.threshold_backward(dh, h, 0)  # dJ/dh (.) [h > 0], one pass instead of three
 
 
 ACTIVATIONS: dict[str, Activation] = {
-    "relu": Activation(_relu, lambda h: (h > 0).to(h.dtype), True),  # relu'(z) = [z > 0] = [h > 0]
+    "relu": Activation(_relu, lambda h: (h > 0).to(h.dtype), True, _relu_grad),  # relu'(z) = [z > 0] = [h > 0]
     "sigmoid": Activation(torch.sigmoid, lambda h: h * (1 - h), True),  # sigmoid'(z) = h (1 - h)
     "tanh": Activation(torch.tanh, lambda h: 1 - h * h, True),  # tanh'(z) = 1 - h^2
     "gelu": Activation(_gelu, _gelu_prime, False),  # gelu'(z) = Phi(z) + z phi(z)
@@ -109,7 +114,10 @@ class Layer:
     def grad_preactivation(self, dh: Tensor, saved: Saved) -> Tensor:
         if self.act is None:
             return dh  # output layer: dJ/do is already the gradient of the linear map
-        return dh * self.act.prime(saved.h if self.act.from_output else saved.z)  # dJ/dz = dJ/dh (.) phi'(z)
+        kept = saved.h if self.act.from_output else saved.z
+        if self.act.fused is not None:
+            return self.act.fused(dh, kept)
+        return dh * self.act.prime(kept)  # dJ/dz = dJ/dh (.) phi'(z)
 
     def grad_input(self, dh: Tensor, saved: Saved, need_dx: bool = True) -> Tensor | None:
         """dJ/dx from dJ/dh; keeps dJ/dz in `saved` for grad_weight, which needs z and h no more."""
@@ -128,4 +136,5 @@ class Layer:
         """grad_weight added straight into .grad (no temporary): W.grad += dJ/dz x^T, b.grad += dJ/dz."""
         self.weight.grad.addmm_(saved.dz.T, saved.x)
         if self.bias is not None:
-            self.bias.grad.add_(saved.dz.sum(0))
+            ones = saved.dz.new_ones(saved.dz.shape[0])
+            self.bias.grad.addmv_(saved.dz.T, ones)  # sum of dJ/dz over the rows, added in one kernel

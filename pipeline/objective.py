@@ -22,10 +22,11 @@ def _one_hot(y: Tensor, num_classes: int, dtype: torch.dtype) -> Tensor:
 def loss_and_grad(name: str, o: Tensor, y: Tensor, batch_size: int) -> tuple[Tensor, Tensor]:
     """This micro-batch's share of L = l(o, y) and dJ/do = dL/do (dJ/dL = 1)."""
     if name == "cross_entropy":
-        log_p = o - torch.logsumexp(o, dim=1, keepdim=True)  # log softmax(o)
+        log_p = torch.log_softmax(o, dim=1)  # log p = o - log sum exp(o)
         loss = -log_p.gather(1, y[:, None]).sum() / batch_size  # L = mean -log p_y
-        d_o = (log_p.exp() - _one_hot(y, o.shape[1], o.dtype)) / batch_size  # dL/do = softmax(o) - e_y
-        return loss, d_o
+        d_o = log_p.exp_()  # softmax(o), reusing log_p's memory
+        d_o[torch.arange(len(y), device=y.device), y] -= 1  # dL/do = softmax(o) - e_y
+        return loss, d_o.div_(batch_size)
     if name == "mse":
         err = o - _one_hot(y, o.shape[1], o.dtype)  # targets are one-hot labels
         scale = batch_size * o.shape[1]  # mean over rows and outputs, as F.mse_loss

@@ -18,7 +18,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from contextlib import contextmanager
-from typing import Iterator, NamedTuple, Protocol
+from typing import Callable, Iterator, NamedTuple, Protocol
 
 import torch
 from torch import Tensor
@@ -34,7 +34,8 @@ Key = tuple[int, int]  # (stage_index, mb_index)
 class Transport(Protocol):
     def send(self, tensor: Tensor, dst: int, tag: int, what: str) -> None: ...
     def can_recv(self, src: int, tag: int) -> bool: ...
-    def recv(self, buffer: Tensor, src: int, tag: int, what: str) -> Tensor: ...
+    def post(self, make_buffer: Callable[[], Tensor], src: int, tag: int) -> None: ...
+    def recv(self, src: int, tag: int, what: str, make_buffer: Callable[[], Tensor]) -> Tensor: ...
     def pending_sends(self) -> list[str]: ...
     def flush(self) -> None: ...
 
@@ -176,9 +177,10 @@ class Runtime:
         y = self.state.labels.pop(mb)
         share, d_o = objective.loss_and_grad(self.loss_name, o, y, self.state.batch_size)
         self.result.loss = share if self.result.loss is None else self.result.loss + share
-        self.result.correct += objective.predictions_correct(o, y)
         if self.state.training:
             self.state.grads[(s, mb)] = d_o  # dJ/do starts the backward pass
+        else:
+            self.result.correct += objective.predictions_correct(o, y)
 
     def _B(self, s: int, mb: int) -> None:
         st = self.state
@@ -225,23 +227,37 @@ class Runtime:
         self.transport.send(self.state.outbox.pop((s, mb)), dst, t, f"{s}SEND_B{mb} to rank {dst}")
 
     def _RECV_F(self, s: int, mb: int) -> None:
-        src, t = self._route(Action(s, "RECV_F", mb), -1, ACTIVATION)
-        self.state.inputs[(s, mb)] = self._receive(s, mb, "RECV_F", src, t, self.stages[s].in_dim)
+        self.state.inputs[(s, mb)] = self._receive(Action(s, "RECV_F", mb))
 
     def _RECV_B(self, s: int, mb: int) -> None:
-        src, t = self._route(Action(s, "RECV_B", mb), +1, GRADIENT)
-        self.state.grads[(s, mb)] = self._receive(s, mb, "RECV_B", src, t, self.stages[s].out_dim)
+        self.state.grads[(s, mb)] = self._receive(Action(s, "RECV_B", mb))
 
-    def _receive(self, s: int, mb: int, kind: str, src: int, t: int, width: int) -> Tensor:
-        stage = self.stages[s]
-        buffer = torch.empty(self.state.mb_sizes[mb], width, dtype=stage.dtype, device=stage.device)
-        what = (f"{s}{kind}{mb} waiting for stage {s - 1 if kind == 'RECV_F' else s + 1} on rank {src}; "
-                f"last completed action: {self.result.last_action}")
-        return self.transport.recv(buffer, src, t, what)
+    def _incoming(self, action: Action) -> tuple[int, int, Callable[[], Tensor]]:
+        """(peer, tag, a maker of an empty buffer of the right shape): shapes come from the model."""
+        forward = action.kind == "RECV_F"
+        src, t = self._route(action, -1 if forward else +1, ACTIVATION if forward else GRADIENT)
+        stage = self.stages[action.stage_index]
+        shape = (self.state.mb_sizes[action.mb_index], stage.in_dim if forward else stage.out_dim)
+        return src, t, lambda: torch.empty(shape, dtype=stage.dtype, device=stage.device)
+
+    def post_receives(self, actions: list[Action]) -> None:
+        """Post every receive of this step up front into its own buffer (see P2PTransport.post)."""
+        for action in actions:
+            if action.kind in ("RECV_F", "RECV_B"):
+                src, t, make_buffer = self._incoming(action)
+                self.transport.post(make_buffer, src, t)
+
+    def _receive(self, action: Action) -> Tensor:
+        src, t, make_buffer = self._incoming(action)
+        peer = action.stage_index + (-1 if action.kind == "RECV_F" else 1)
+        what = f"{action} waiting for stage {peer} on rank {src}; last completed action: {self.result.last_action}"
+        return self.transport.recv(src, t, what, make_buffer)
 
 
 def execute(runtimes: dict[int, Runtime], schedule: Schedule) -> None:
     """Run every local rank's actions in order; in-process ranks take turns until all are done."""
+    for rank, runtime in runtimes.items():
+        runtime.post_receives(schedule[rank])
     position = {rank: 0 for rank in runtimes}
     while any(position[rank] < len(schedule[rank]) for rank in runtimes):
         progressed = False

@@ -61,7 +61,10 @@ class Stage:
 
     def zero_grad(self) -> None:
         for p in self.parameters():
-            p.grad = torch.zeros_like(p)
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            else:
+                p.grad.zero_()  # in place: no new allocation every step
 
     def forward(self, x: Tensor) -> tuple[Tensor, Stash]:
         stash = []

@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 from collections import defaultdict, deque
 from datetime import timedelta
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -46,6 +47,7 @@ class P2PTransport:
         self.rank = rank
         self.timeout = timedelta(seconds=timeout_s)
         self.pending: list[tuple[dist.Work, torch.Tensor, str]] = []
+        self.posted: dict[tuple[int, int], tuple[dist.Work, torch.Tensor]] = {}
 
     def send(self, tensor: torch.Tensor, dst: int, tag: int, what: str) -> None:
         tensor = tensor.contiguous()  # keep it alive until the send completes
@@ -54,8 +56,18 @@ class P2PTransport:
     def can_recv(self, src: int, tag: int) -> bool:
         return True  # recv blocks (bounded) until the message arrives
 
-    def recv(self, buffer: torch.Tensor, src: int, tag: int, what: str) -> torch.Tensor:
-        self._wait(dist.irecv(buffer, src, tag=tag), what)
+    def post(self, make_buffer: Callable[[], torch.Tensor], src: int, tag: int) -> None:
+        """Post a receive ahead of time: gloo then writes the data as soon as it arrives, and the
+        receive action only waits (a receive posted late costs an extra round trip)."""
+        buffer = make_buffer()
+        self.posted[(src, tag)] = (dist.irecv(buffer, src, tag=tag), buffer)
+
+    def recv(self, src: int, tag: int, what: str, make_buffer: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """The message's tensor, in the buffer posted for it (or in a new one, posted now)."""
+        if (src, tag) not in self.posted:
+            self.post(make_buffer, src, tag)
+        work, buffer = self.posted.pop((src, tag))
+        self._wait(work, what)
         return buffer
 
     def pending_sends(self) -> list[str]:
@@ -100,12 +112,14 @@ class InProcessTransport:
     def can_recv(self, src: int, tag: int) -> bool:
         return bool(self.mailboxes.queues.get((src, self.rank, tag)))
 
-    def recv(self, buffer: torch.Tensor, src: int, tag: int, what: str) -> torch.Tensor:
+    def post(self, make_buffer: Callable[[], torch.Tensor], src: int, tag: int) -> None:
+        pass  # a message waits in its mailbox until received: no buffer needed
+
+    def recv(self, src: int, tag: int, what: str, make_buffer: Callable[[], torch.Tensor]) -> torch.Tensor:
         queue = self.mailboxes.queues.get((src, self.rank, tag))
         if not queue:
             raise PeerTimeout(f"rank {self.rank}: {what}: nothing was sent (in-process transport)")
-        buffer.copy_(queue.popleft())
-        return buffer
+        return queue.popleft()  # already a copy, made by send
 
     def pending_sends(self) -> list[str]:
         return []
