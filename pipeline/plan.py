@@ -23,7 +23,8 @@ from pipeline.config import AUTO, Config, compose
 from pipeline.costs import Costs, flop_costs, layer_times, measured_costs, peak_stash_bytes
 from pipeline.errors import ConfigError, UserError, exit_with
 from pipeline.model import MLPSpec
-from pipeline.schedule import SCHEDULES, VIRTUAL, Action, Schedule, build_schedule, lower, stages_of_rank
+from pipeline.schedule import (SCHEDULES, VIRTUAL, Action, Schedule, build_schedule, fuse_backward, lower,
+                               stages_of_rank)
 from pipeline.simulate import simulate, validate
 
 MICROBATCH_CHOICES = (1, 2, 4, 8, 16, 32)
@@ -93,7 +94,7 @@ def make_plan(conf: Config, spec: MLPSpec, world_size: int, eval_rows: int) -> P
         compute = build_schedule(name, p, m, v)
     except ValueError as err:
         raise ConfigError(f"pipeline.schedule={name}: {err}") from None
-    train_schedule = lower(compute, p)
+    train_schedule = fuse_backward(lower(compute, p))
     validate(train_schedule, p, m, v)  # a failure here is a bug in a generator: it raises with the grid
     eval_mbs = max(1, min(m, eval_rows))
     return Plan(name, p, v, m, tuple(partition.stage_layers(counts)), train_schedule,
@@ -145,7 +146,7 @@ def evaluate_option(conf: Config, spec: MLPSpec, p: int, name: str, m: int, v: i
     rule = conf.pipeline.partition if conf.pipeline.partition != "time" else "params"
     stages = tuple(partition.stage_layers(partition.layer_counts(spec, p * v, rule, f"{p} ranks x v={v}")))
     rows = math.ceil(conf.train.batch_size / m)
-    schedule = lower(build_schedule(name, p, m, v), p)
+    schedule = fuse_backward(lower(build_schedule(name, p, m, v), p))
     result = simulate(schedule, p, m, v, cost_of(list(stages), rows))
     stash = peak_stash_bytes(schedule, spec, list(stages), microbatch.sizes(conf.train.batch_size, m))
     memory = [rank_memory(conf, spec, stages, stages_of_rank(r, p, v), stash[r]) for r in range(p)]

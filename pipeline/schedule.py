@@ -244,6 +244,24 @@ def lower(schedule: Schedule, num_ranks: int) -> Schedule:
     return lowered
 
 
+def fuse_backward(schedule: Schedule) -> Schedule:
+    """Merge a B directly followed by the W of the same stage and micro-batch into one BW.
+
+    The order of work is unchanged, but BW takes each layer's weight gradient as soon as its
+    dJ/dz is known and frees it, so less is held (ZB-H1's rank 0 runs W right after B).
+    """
+    fused: Schedule = {}
+    for rank, actions in schedule.items():
+        out: list[Action] = []
+        for action in actions:
+            if out and action.kind == "W" and out[-1] == Action(action.stage_index, "B", action.mb_index):
+                out[-1] = Action(action.stage_index, "BW", action.mb_index)
+            else:
+                out.append(action)
+        fused[rank] = out
+    return fused
+
+
 def _grid_cell(text: str, marked: bool, width: int) -> str:
     """One column entry: the text padded, wrapped in >...< when marked."""
     return (f">{text}<" if marked else f" {text} ").ljust(width + 2)

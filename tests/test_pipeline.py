@@ -87,11 +87,11 @@ def test_evaluation_stashes_nothing():
 def test_a_step_that_leaves_a_stash_behind_is_caught():
     conf = problem(schedule="zb_h1", ranks=2, microbatches=2)
     data, spec, plan = engine_for(conf)
-    broken = {r: [a for a in acts if a != Action(r, "W", 1)] for r, acts in plan.train_schedule.items()}
+    broken = {r: [a for a in acts if a != Action(1, "W", 1)] for r, acts in plan.train_schedule.items()}
     with connect(read_env(), 2, "inprocess", conf.dist) as comm:
         engine = Engine(conf, spec, plan, comm)
         x, y = torch.as_tensor(data.x_train[:10]), torch.as_tensor(data.y_train[:10])
-        with pytest.raises(Stuck, match=r"rank 0: step ended with unconsumed state \{'stash': \[\(0, 1\)\]\}"):
+        with pytest.raises(Stuck, match=r"rank 1: step ended with unconsumed state \{'stash': \[\(1, 1\)\]\}"):
             engine.run(broken, x, y, 10, 2, training=True)
 
 

@@ -48,7 +48,7 @@ def test_predicted_stash_bytes_equal_the_runtimes_measurement(schedule, p, v, tm
     spec = model_spec(conf, load_data(conf))
     from pipeline.partition import uniform
     stages = stage_layers(uniform(spec.num_layers, p * v))
-    lowered = lower(build_schedule(schedule, p, 4, v), p)
+    lowered = planner.make_plan(conf, spec, 1, eval_rows=10).train_schedule  # what the runtime ran
     predicted = peak_stash_bytes(lowered, spec, stages, [3, 3, 2, 2])  # a batch of 10 in 4 micro-batches
     assert summary["peak_stash_bytes"] == [predicted[r] for r in range(p)]
 

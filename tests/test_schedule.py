@@ -374,3 +374,14 @@ def test_module_runs_as_a_script() -> None:
     assert done.returncode == 0, done.stderr
     assert "   1  0SEND_F0  1F0" in done.stdout
     assert "makespan 9, 8 steps" in done.stdout
+
+
+def test_fuse_backward_merges_only_adjacent_b_and_w_of_the_same_micro_batch():
+    from pipeline.schedule import fuse_backward
+
+    lowered = lower(zb_h1(2, 3), 2)
+    fused = fuse_backward(lowered)
+    assert " ".join(map(str, fused[0])) == ("0F0 0SEND_F0 0F1 0SEND_F1 0RECV_B0 0BW0 0F2 0SEND_F2 0RECV_B1 0BW1 "
+                                            "0RECV_B2 0BW2")
+    assert fused[1] == lowered[1]  # rank 1 sends dJ/dx between its B and its (later) W
+    validate(fused, 2, 3)
