@@ -21,6 +21,7 @@ from pipeline.schedule import SCHEDULES
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 AUTO = "auto"  # pipeline.schedule=auto: the planner picks schedule, micro-batches and virtual stages
 OPTIMIZERS = ("sgd", "adam")
+DEFAULTS_FOR_ERRORS = {"optim.lr": 0.1, "loss.l2": 1e-4, "dist.timeout_s": 60, "optim.momentum": 0.9}
 DATASETS = ("digits", "synthetic", "npz")
 PARTITIONS = ("uniform", "params", "time")
 TRANSPORTS = ("p2p", "inprocess")
@@ -78,6 +79,7 @@ class TrainConfig:
     seed: int
     log_every: int
     eval_every: int
+    resume: str | int = "auto"  # auto: the newest complete checkpoint, if any; never; or a checkpoint's step
 
 
 @dataclass(frozen=True)
@@ -89,6 +91,8 @@ class LossConfig:
 @dataclass(frozen=True)
 class CheckpointConfig:
     save_initial: bool
+    every: int = 0  # also every N steps; 0: only at the end
+    keep: int = 3  # the newest K complete checkpoints stay (step 0 always); 0: all
 
 
 @dataclass(frozen=True)
@@ -140,7 +144,8 @@ def _float(key: str, value: Any, positive: bool = False, minimum: float = 0.0) -
     ok = _is_number(value) and (value > 0 if positive else value >= minimum)
     if not ok or value != value or value in (float("inf"), float("-inf")):
         bound = "> 0" if positive else f">= {minimum}"
-        raise ConfigError(f"{key}={value!r} must be a finite number {bound}")
+        example = DEFAULTS_FOR_ERRORS.get(key, 1 if positive else minimum)
+        raise ConfigError(f"{key}={value!r} must be a finite number {bound}; set e.g. {key}={example:g}")
     return float(value)
 
 
@@ -241,6 +246,22 @@ def _train(raw: Mapping[str, Any]) -> TrainConfig:
         seed=_int("train.seed", raw.get("seed"), 0),
         log_every=_int("train.log_every", raw.get("log_every")),
         eval_every=_int("train.eval_every", raw.get("eval_every")),
+        resume=_resume(raw.get("resume", "auto")),
+    )
+
+
+def _resume(value: Any) -> str | int:
+    if value in ("auto", "never") or (_is_int(value) and value >= 0):
+        return value
+    raise ConfigError(f"train.resume={value!r} must be auto, never or the step of a checkpoint (an integer >= 0); "
+                      "e.g. train.resume=auto")
+
+
+def _checkpoint(raw: Mapping[str, Any]) -> CheckpointConfig:
+    return CheckpointConfig(
+        save_initial=_bool("checkpoint.save_initial", raw.get("save_initial", False)),
+        every=_int("checkpoint.every", raw.get("every", 0), 0),
+        keep=_int("checkpoint.keep", raw.get("keep", 3), 0),
     )
 
 
@@ -264,7 +285,7 @@ def parse(cfg: DictConfig | Mapping[str, Any]) -> Config:
         pipeline=_pipeline(_section(raw, "pipeline")),
         train=_train(_section(raw, "train")),
         loss=LossConfig(_choice("loss.name", loss.get("name"), LOSSES), _float("loss.l2", loss.get("l2"))),
-        checkpoint=CheckpointConfig(_bool("checkpoint.save_initial", checkpoint.get("save_initial"))),
+        checkpoint=_checkpoint(checkpoint),
         dist=DistConfig(_choice("dist.backend", dist.get("backend"), ("auto", "gloo", "nccl")),
                         _float("dist.timeout_s", dist.get("timeout_s"), positive=True),
                         _choice("dist.device", dist.get("device", "auto"), ("auto", "cpu", "cuda")),
@@ -276,6 +297,9 @@ def parse(cfg: DictConfig | Mapping[str, Any]) -> Config:
     if conf.trace.step is not None and conf.trace.step > conf.train.steps:
         raise ConfigError(f"trace.step={conf.trace.step} is after the last step ({conf.train.steps}); "
                           "pick a step in range or leave it null")
+    if _is_int(conf.train.resume) and conf.train.resume > conf.train.steps:
+        raise ConfigError(f"train.resume={conf.train.resume} is after the last step (train.steps={conf.train.steps}); "
+                          "raise train.steps or resume from an earlier checkpoint")
     if conf.pipeline.microbatches > conf.train.batch_size:
         raise ConfigError(f"pipeline.microbatches={conf.pipeline.microbatches} exceeds train.batch_size="
                           f"{conf.train.batch_size}; use at most one micro-batch per example")

@@ -83,10 +83,17 @@ class Engine:
             self.peak_stash_bytes[rank] = max(self.peak_stash_bytes[rank], result.peak_stash_bytes)
         return results[self.plan.last_rank].loss if self.holds_last else None
 
-    def regulariser(self) -> float:
-        """s = lambda/2 sum ||W||^2 over every stage of every rank (a collective: all ranks call it)."""
+    def local_regulariser(self) -> float:
+        """This process's share of s = lambda/2 sum ||W||^2; the trainer sums it over ranks with its NaN check."""
         weights = [w for stage in self.stages.values() for w in stage.weights()]
-        return self.comm.sum(float(objective.regulariser(weights, self.conf.loss.l2)))
+        return float(objective.regulariser(weights, self.conf.loss.l2))
+
+    def nonfinite_stages(self) -> list[float]:
+        """Per stage of the whole pipeline: 1.0 where this process holds it and a parameter is NaN or inf."""
+        flags = [0.0] * self.plan.num_stages
+        for s, stage in self.stages.items():
+            flags[s] = float(not all(bool(torch.isfinite(p).all()) for p in stage.parameters()))
+        return flags
 
     def update(self) -> None:
         for optimizer in self.optimizers.values():
@@ -134,8 +141,51 @@ class Engine:
 
     def save(self, run_dir: str | Path, step: int) -> None:
         """Every rank writes its stages' shards; once all have, rank 0 marks the checkpoint complete."""
-        checkpoint.save_shards(run_dir, step, self.stages.values())
+        shards = [checkpoint.stage_shard(step, self.stages[s], self.optimizers[r])
+                  for r in self.comm.local_ranks for s in self.plan.stages_of(r)]
+        checkpoint.save_shards(run_dir, step, shards)
         self.comm.barrier(f"checkpoint {step}")
         if 0 in self.comm.local_ranks:
-            checkpoint.commit(run_dir, step, self.plan.num_stages, self.spec.num_layers)
+            checkpoint.commit(run_dir, step, self.checkpoint_meta())
+            checkpoint.prune(run_dir, self.conf.checkpoint.keep, step)
 
+    def checkpoint_meta(self) -> dict:
+        """What checkpoint.json records besides the step: the layout that wrote it and the model it fits."""
+        return {"num_stages": self.plan.num_stages, "num_layers": self.spec.num_layers,
+                "stage_layers": [[r.start, r.stop] for r in self.plan.stage_layers], "num_ranks": self.plan.num_ranks,
+                "virtual_stages": self.plan.virtual_stages, "dims": list(self.spec.dims), "bias": self.spec.bias,
+                "dtype": self.spec.dtype, "optimizer": self.conf.optim.name}
+
+    def local_layers(self) -> list[int]:
+        return sorted(layer.index for stage in self.stages.values() for layer in stage.layers)
+
+    def read_checkpoint(self, run_dir: str | Path, step: int) -> checkpoint.State:
+        """The state of this process's layers at `step`, from whichever shards hold them (raises DamagedCheckpoint)."""
+        return checkpoint.read_state(run_dir, step, self.local_layers())
+
+    def first_reader(self, meta: dict, shard: int) -> int:
+        """The lowest rank of this layout that reads `shard` of a checkpoint (it reports a damaged one)."""
+        held = lambda r: [i for s in self.plan.stages_of(r) for i in self.plan.stage_layers[s]]  # noqa: E731
+        return min(r for r in range(self.plan.num_ranks) if shard in checkpoint.shards_for(meta, held(r)))
+
+    def restore(self, state: checkpoint.State) -> None:
+        """Copy weights and optimizer state in place; torch's RNG from the shard of this process's first layer."""
+        for rank in self.comm.local_ranks:
+            optimizer = self.optimizers[rank]
+            for stage in self._stages_of(rank):
+                for layer in stage.layers:
+                    for name, param in checkpoint.named_parameters(layer):
+                        with torch.no_grad():
+                            param.copy_(state.params[layer.index][name])
+                        saved = state.optimizer[layer.index][name]
+                        optimizer.state.pop(param, None)
+                        if saved:
+                            optimizer.state[param] = {k: _to_param(k, v, param) for k, v in saved.items()}
+        torch.set_rng_state(state.rng[self.local_layers()[0]])
+
+
+def _to_param(key: str, value: Tensor, param: Tensor) -> Tensor:
+    """Optimizer state goes to the parameter's device and dtype, except Adam's `step`, a CPU counter."""
+    if key == "step" or not value.is_floating_point():
+        return value.clone()
+    return value.to(device=param.device, dtype=param.dtype, copy=True)

@@ -44,7 +44,7 @@ def _hydra_main(cfg: DictConfig) -> None:
     global _task_started
     _task_started = True
     from pipeline.runtime import Stuck
-    from pipeline.trainer import train  # imported here so `--help` stays fast
+    from pipeline.trainer import NonFiniteLoss, train  # imported here so `--help` stays fast
     from pipeline.transport import PeerTimeout
 
     from pipeline.watchdog import write_hang_report
@@ -54,6 +54,8 @@ def _hydra_main(cfg: DictConfig) -> None:
         train(cfg, run_dir)
     except UserError as err:
         exit_with(err)
+    except NonFiniteLoss as err:  # every rank learns it in the same collective: local rank 0 says it
+        exit_with(err, EXIT_FAILURE)
     except PeerTimeout as err:  # a peer died or hung: say who waited on what, no traceback
         write_hang_report(run_dir, err)
         exit_with(err, EXIT_FAILURE, every_rank=True)
@@ -69,8 +71,23 @@ def _on_sigterm(signum, frame) -> None:
                      "another rank failed; see its message above")
 
 
+def check_run_dir_override(argv: list[str]) -> None:
+    """Hydra creates hydra.run.dir before the task runs and fails with a traceback when it cannot:
+    an explicit one is checked first, so that mistake is one line too."""
+    for arg in argv:
+        key, _, value = arg.lstrip("+").partition("=")
+        if key == "hydra.run.dir" and value:
+            from pipeline.trainer import check_run_dir
+
+            try:
+                check_run_dir(value, create=False)
+            except UserError as err:
+                exit_with(err)
+
+
 def main() -> None:
     """Run Hydra; its own errors (a bad override, an unknown key) are user errors too: exit 2."""
+    check_run_dir_override(sys.argv[1:])
     signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         _hydra_main()

@@ -1,15 +1,21 @@
 """The training loop, top to bottom: `train(cfg, run_dir)` returns the run's summary.
 
-    check the config, the data and the parallel layout (before any process group starts)
-    -> connect the ranks -> build this process's stages -> for each step: the first stage reads
-    the batch, micro-batches flow under the schedule, each rank steps its own optimizer;
-    the rank with the last stage logs and evaluates -> checkpoint -> summary line
+    check the config, the data, the parallel layout, the run directory and what train.resume asks
+    for (before any process group starts) -> connect the ranks -> build this process's stages ->
+    resume from the newest readable checkpoint -> for each step: the first stage reads the batch,
+    micro-batches flow under the schedule, each rank steps its own optimizer; on log and checkpoint
+    steps all ranks check for NaN/inf; the rank with the last stage logs and evaluates; every
+    checkpoint.every steps and at the end a checkpoint -> summary line
 
 Everything a user can get wrong is refused before `connect`, identically on every rank.
 """
 
 from __future__ import annotations
 
+import math
+import os
+import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -17,11 +23,12 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
-from pipeline import config, data as datasets
+from pipeline import checkpoint, config, data as datasets
+from pipeline.checkpoint import DamagedCheckpoint
 from pipeline.config import Config
 from pipeline.distributed import connect, plan_devices, read_env
 from pipeline.engine import Engine
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, UserError
 from pipeline.metrics import MetricsLog, progress_bar, summary_line
 from pipeline.model import MLPSpec
 from pipeline.plan import make_plan, retime
@@ -57,6 +64,67 @@ def as_tensors(x, y, spec: MLPSpec, device: torch.device | str = "cpu") -> tuple
             torch.as_tensor(y, dtype=torch.long, device=device))
 
 
+def check_run_dir(run_dir: str | Path, create: bool = True) -> None:
+    """hydra.run.dir must be a directory this process can write; refused before any work.
+
+    Walking up to the first existing ancestor catches a path under a regular file, which stops even
+    root; with `create`, making the directory and a probe file in it catches the rest.
+    """
+    path = Path(run_dir).absolute()
+    ancestor = next(a for a in (path, *path.parents) if a.exists())
+    if not ancestor.is_dir():
+        raise ConfigError(f"hydra.run.dir={run_dir}: {ancestor} is a file, not a directory; "
+                          "pick another hydra.run.dir")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise ConfigError(f"hydra.run.dir={run_dir}: {ancestor} is not writable; pick a writable hydra.run.dir")
+    if not create:
+        return
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as err:
+        raise ConfigError(f"hydra.run.dir={run_dir} cannot be written ({err.strerror}); "
+                          "pick a writable hydra.run.dir") from None
+
+
+def resume_candidates(conf: Config, spec: MLPSpec, run_dir: Path) -> list[int]:
+    """The checkpoints train.resume allows, newest first; impossible resumes are refused before any work."""
+    want, steps = conf.train.resume, checkpoint.complete_steps(run_dir)
+    if want == "never":
+        if checkpoint.any_checkpoint(run_dir):
+            raise ConfigError(f"train.resume=never but {run_dir / 'checkpoints'} already holds checkpoints; "
+                              "use train.resume=auto to continue that run, or a new hydra.run.dir")
+        return []
+    if want != "auto" and want not in steps:
+        raise ConfigError(f"train.resume={want}: {run_dir / 'checkpoints'} has no complete checkpoint for that "
+                          f"step (available: {steps}); pick one of those or train.resume=auto")
+    chosen = steps if want == "auto" else [want]
+    if chosen and chosen[-1] > conf.train.steps:
+        raise ConfigError(f"train.steps={conf.train.steps} is before step {chosen[-1]} of the checkpoint in "
+                          f"{run_dir}; raise train.steps, or start over in a new hydra.run.dir")
+    _check_checkpoint_fits(conf, spec, run_dir, chosen)
+    return chosen[::-1]
+
+
+def _check_checkpoint_fits(conf: Config, spec: MLPSpec, run_dir: Path, steps: list[int]) -> None:
+    """The newest readable checkpoint was trained with this model and optimizer (damaged ones are dealt with later)."""
+    for step in reversed(steps):
+        try:
+            meta = checkpoint.read_meta(run_dir, step)
+        except DamagedCheckpoint:
+            continue
+        if tuple(meta.get("dims", ())) != spec.dims or meta.get("bias") != spec.bias:
+            raise ConfigError(f"{run_dir}: the checkpoint of step {step} holds a model of widths {meta.get('dims')} "
+                              f"(bias {meta.get('bias')}) but model.* gives {list(spec.dims)} (bias {spec.bias}); "
+                              "use the same model or a new hydra.run.dir")
+        if meta.get("optimizer") != conf.optim.name:
+            raise ConfigError(f"{run_dir}: the checkpoint of step {step} was trained with optim="
+                              f"{meta.get('optimizer')} but this run uses optim={conf.optim.name}; use optim="
+                              f"{meta.get('optimizer')} or a new hydra.run.dir")
+        return
+
+
 def train(cfg: DictConfig | Config, run_dir: str | Path) -> dict[str, Any]:
     """Train the configured MLP; write metrics.jsonl and checkpoints under run_dir; return the summary."""
     conf = cfg if isinstance(cfg, Config) else config.parse(cfg)
@@ -67,37 +135,138 @@ def train(cfg: DictConfig | Config, run_dir: str | Path) -> dict[str, Any]:
     test_rows = 0 if data.x_test is None else len(data.x_test)
     plan = make_plan(conf, spec, env.world_size, eval_rows=test_rows)
     plan_devices(env, conf.pipeline.transport, conf.dist)  # a device or backend that cannot work: refuse now
+    check_run_dir(run_dir)
+    candidates = resume_candidates(conf, spec, Path(run_dir))
     torch.manual_seed(conf.train.seed)
 
     with connect(env, plan.num_ranks, conf.pipeline.transport, conf.dist) as comm:
         if conf.pipeline.partition == "time":
             plan = retime(plan, spec, conf, comm.mean_list)
         engine = Engine(conf, spec, plan, comm)
-        return _fit(conf, spec, engine, data, test_rows, Path(run_dir))
+        resumed = resume(conf, engine, Path(run_dir), candidates)
+        return _fit(conf, spec, engine, data, test_rows, Path(run_dir), resumed)
+
+
+def resume(conf: Config, engine: Engine, run_dir: Path, candidates: list[int]) -> int | None:
+    """Restore the newest checkpoint every rank can read; None: there is none, start fresh.
+
+    Each rank reads only the shards holding its layers; one sum over the ranks says whether all
+    succeeded, so every rank settles on the same step. A damaged file is reported once, by the
+    lowest rank that reads it, and the previous checkpoint is tried.
+    """
+    for step in candidates:
+        try:
+            state, problem = engine.read_checkpoint(run_dir, step), None
+        except DamagedCheckpoint as err:
+            state, problem = None, err
+            _report(engine, run_dir, step, err)
+        if engine.comm.sum(float(problem is not None)) == 0:
+            engine.restore(state)
+            _forget_later(engine, run_dir, step)
+            if engine.holds_last:
+                print(f"pipeline: resuming {run_dir} from step {step}", flush=True)
+            return step
+        if conf.train.resume != "auto":
+            raise UserError(f"train.resume={step}: that checkpoint is damaged (reported above); pick another step "
+                            "or train.resume=auto")
+    if candidates:
+        raise UserError(f"{run_dir / 'checkpoints'}: no checkpoint can be read (reported above); remove them "
+                        "or use a new hydra.run.dir")
+    return None
+
+
+def _report(engine: Engine, run_dir: Path, step: int, err: DamagedCheckpoint) -> None:
+    reader = 0
+    if err.shard is not None:
+        reader = engine.first_reader(checkpoint.read_meta(run_dir, step), err.shard)
+    if reader in engine.comm.local_ranks:
+        print(f"warning: {' '.join(str(err).split())}; trying the previous checkpoint", file=sys.stderr, flush=True)
+
+
+def _forget_later(engine: Engine, run_dir: Path, step: int) -> None:
+    """Checkpoints after the resumed one are damaged or an abandoned history: rank 0 removes them
+    before anyone trains, so they can never be mistaken for this run's."""
+    if 0 in engine.comm.local_ranks and checkpoint.discard_after(run_dir, step):
+        checkpoint.point_latest(run_dir, step)
+    engine.comm.barrier("resume")
+
+
+class NonFiniteLoss(Exception):
+    """The loss, s or the parameters became NaN or inf: the data or the learning rate (exit code 1)."""
+
+
+class FirstBadLoss:
+    """The first step whose loss was NaN or inf, kept as a tensor so that no step waits on the device."""
+
+    def __init__(self) -> None:
+        self.step: torch.Tensor | None = None
+
+    def see(self, loss: torch.Tensor | None, step: int) -> None:
+        if loss is None:
+            return
+        bad = torch.where(torch.isfinite(loss), math.inf, float(step))
+        self.step = bad if self.step is None else torch.minimum(self.step, bad)
+
+    def value(self) -> float:
+        """The step, or 0.0 when every loss so far was finite (what this rank adds to the check's sum)."""
+        found = math.inf if self.step is None else float(self.step)
+        return found if math.isfinite(found) else 0.0
+
+
+def check_finite(engine: Engine, step: int, local_reg: float, first_bad: FirstBadLoss,
+                 last_saved: int | None) -> float:
+    """s summed over the ranks, in the same collective that tells every rank whether the loss (on
+    the last stage's rank), s or any stage's parameters went NaN or inf; raises NonFiniteLoss then."""
+    sums = engine.comm.sum_list([local_reg, first_bad.value(), *engine.nonfinite_stages()])
+    reg, bad_step, bad_stages = sums[0], int(sums[1]), [s for s, flag in enumerate(sums[2:]) if flag]
+    plan = engine.plan
+    if bad_step:
+        what = (f"step {bad_step}: the loss on stage {plan.num_stages - 1} (rank {plan.last_rank}) is NaN or inf; "
+                "lower optim.lr or check the data")
+    elif not math.isfinite(reg):
+        what = f"step {step}: s (the L2 term) is NaN or inf; lower optim.lr or loss.l2"
+    elif bad_stages:
+        what = (f"step {step}: the parameters of stage {bad_stages[0]} are NaN or inf after the update; "
+                "lower optim.lr or check the data")
+    else:
+        return reg
+    kept = "no checkpoint was written" if last_saved is None else f"the last good checkpoint is step {last_saved}"
+    raise NonFiniteLoss(f"{what}; the run stopped ({kept})")
 
 
 def _fit(conf: Config, spec: MLPSpec, engine: Engine, data: datasets.Dataset, test_rows: int,
-         run_dir: Path) -> dict[str, Any]:
-    t = conf.train
+         run_dir: Path, resumed: int | None) -> dict[str, Any]:
+    t, ck = conf.train, conf.checkpoint
+    if resumed == t.steps:
+        return _nothing_to_do(engine, run_dir, t.steps)
     sampler = datasets.BatchSampler(len(data.x_train), t.batch_size, t.seed, conf.data.shuffle)
     # only the first stage reads inputs and only the last reads labels; they go to the device once
     x_train, y_train = as_tensors(data.x_train, data.y_train, spec, engine.comm.device)
     x_test, y_test = as_tensors(data.x_test, data.y_test, spec, engine.comm.device) if test_rows else (None, None)
-    log = MetricsLog(run_dir / "metrics.jsonl", enabled=engine.holds_last)
-    if conf.checkpoint.save_initial:
+    log = MetricsLog(run_dir / "metrics.jsonl", enabled=engine.holds_last, keep_until=resumed)
+    last_saved = resumed
+    if ck.save_initial and resumed is None:
         engine.save(run_dir, 0)
+        last_saved = 0
 
-    bar, start, row, test = progress_bar(t.steps, enabled=engine.holds_last), time.perf_counter(), {}, {}
-    for step in range(1, t.steps + 1):
+    first = (resumed or 0) + 1
+    bar, start, row, test = progress_bar(t.steps, enabled=engine.holds_last, initial=first - 1), \
+        time.perf_counter(), {}, {}
+    first_bad = FirstBadLoss()
+    for step in range(first, t.steps + 1):
         tick = time.perf_counter()
         rows = torch.as_tensor(sampler.indices(step - 1), device=x_train.device)
         x = x_train[rows] if engine.holds_first else None
         y = y_train[rows] if engine.holds_last else None
         loss = engine.train_step(x, y, step)  # L where the last stage lives, else None
-        logging, last = step % t.log_every == 0 or step == t.steps, step == t.steps
-        reg = engine.regulariser() if logging else 0.0  # s on the weights the loss saw (all ranks)
+        first_bad.see(loss, step)
+        last = step == t.steps
+        logging, saving = step % t.log_every == 0 or last, last or (ck.every > 0 and step % ck.every == 0)
+        local_reg = engine.local_regulariser() if logging or saving else 0.0  # on the weights the loss saw
         bubble = engine.measured_bubble(step) if logging and conf.trace.enabled else None
         engine.update()
+        # log and checkpoint steps check for NaN/inf on every rank; s rides the same collective
+        reg = check_finite(engine, step, local_reg, first_bad, last_saved) if logging or saving else 0.0
         step_time = time.perf_counter() - tick
         if logging and engine.holds_last:
             row = {"step": step, "loss": float(loss), "reg": reg, "objective": float(loss) + reg,
@@ -112,9 +281,11 @@ def _fit(conf: Config, spec: MLPSpec, engine: Engine, data: datasets.Dataset, te
             if result is not None:
                 test = {"step": step, **result}
                 log.write(test)
+        if saving:
+            engine.save(run_dir, step)
+            last_saved = step
         bar.update(1)
     bar.close()
-    engine.save(run_dir, t.steps)
     traced = engine.save_trace(run_dir, conf.trace.step) if conf.trace.enabled else None
     stash = engine.stash_figures()
     log.write({"step": t.steps, **stash})
@@ -125,9 +296,12 @@ def _fit(conf: Config, spec: MLPSpec, engine: Engine, data: datasets.Dataset, te
                "microbatches": plan.num_microbatches}
     if plan.virtual_stages > 1:
         summary["virtual_stages"] = plan.virtual_stages
+    if resumed is not None:
+        summary["resumed_from"] = resumed
     if engine.holds_last:
         summary.update(loss=row["loss"], objective=row["objective"], **{k: v for k, v in test.items() if k != "step"})
-    summary.update(time_s=elapsed, samples_per_s=t.steps * t.batch_size / elapsed, run_dir=str(run_dir))
+    trained = t.steps - first + 1
+    summary.update(time_s=elapsed, samples_per_s=trained * t.batch_size / elapsed, run_dir=str(run_dir))
     if engine.holds_last:
         print(summary_line(summary), flush=True)
     if traced:
@@ -135,3 +309,13 @@ def _fit(conf: Config, spec: MLPSpec, engine: Engine, data: datasets.Dataset, te
         print(f"pipeline: trace {traced['trace']} timeline {traced['timeline']} (step {traced['step']}, "
               f"measured bubble per rank {bubbles})", flush=True)
     return {**summary, **stash}
+
+
+def _nothing_to_do(engine: Engine, run_dir: Path, steps: int) -> dict[str, Any]:
+    """A run resumed at its last step (restarted after its final checkpoint): done already."""
+    if engine.holds_last:
+        print(f"pipeline: {run_dir} already holds the checkpoint of step {steps}, the last; nothing to train "
+              "(raise train.steps to continue)", flush=True)
+    plan = engine.plan
+    return {"steps": steps, "ranks": plan.num_ranks, "schedule": plan.schedule,
+            "microbatches": plan.num_microbatches, "resumed_from": steps, "run_dir": str(run_dir)}

@@ -11,7 +11,8 @@ from __future__ import annotations
 import re
 from collections import defaultdict, deque
 from datetime import timedelta
-from typing import Callable
+from contextlib import contextmanager
+from typing import Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -51,7 +52,8 @@ class P2PTransport:
 
     def send(self, tensor: torch.Tensor, dst: int, tag: int, what: str) -> None:
         tensor = tensor.contiguous()  # keep it alive until the send completes
-        self.pending.append((dist.isend(tensor, dst, tag=tag), tensor, what))
+        with self._lost_peer(what):  # a peer already gone can fail the send at once
+            self.pending.append((dist.isend(tensor, dst, tag=tag), tensor, what))
 
     def can_recv(self, src: int, tag: int) -> bool:
         return True  # recv blocks (bounded) until the message arrives
@@ -60,7 +62,8 @@ class P2PTransport:
         """Post a receive ahead of time: gloo then writes the data as soon as it arrives, and the
         receive action only waits (a receive posted late costs an extra round trip)."""
         buffer = make_buffer()
-        self.posted[(src, tag)] = (dist.irecv(buffer, src, tag=tag), buffer)
+        with self._lost_peer(f"posting a receive from rank {src}"):
+            self.posted[(src, tag)] = (dist.irecv(buffer, src, tag=tag), buffer)
 
     def recv(self, src: int, tag: int, what: str, make_buffer: Callable[[], torch.Tensor]) -> torch.Tensor:
         """The message's tensor, in the buffer posted for it (or in a new one, posted now)."""
@@ -80,8 +83,14 @@ class P2PTransport:
             self._wait(work, what)
 
     def _wait(self, work: dist.Work, what: str) -> None:
-        try:
+        with self._lost_peer(what):
             work.wait(self.timeout)
+
+    @contextmanager
+    def _lost_peer(self, what: str) -> Iterator[None]:
+        """A timeout or a closed connection becomes one PeerTimeout naming this rank and `what`."""
+        try:
+            yield
         except RuntimeError as err:
             lines = str(err).strip().splitlines() or [type(err).__name__]
             reason = re.sub(r"^\[[^\]]*\]\s*", "", lines[0])  # drop gloo's source-file prefix

@@ -259,9 +259,10 @@ def test_a_traced_run_writes_the_merged_trace_timeline_and_bubbles(tmp_path):
     merged = json.loads((tmp_path / "trace.json").read_text())["traceEvents"]
     compute = [e for e in merged if e["ph"] == "X" and e["tid"] == 0]
     assert {e["pid"] for e in compute} == {0, 1}
-    # every step: each rank runs F, B and W of 4 micro-batches
-    assert len(compute) == conf.train.steps * 2 * 12
+    # every step: rank 1 runs F, B and W of 4 micro-batches; rank 0 runs its B and W together (BW)
+    assert len(compute) == conf.train.steps * (12 + 8)
     assert {e["name"] for e in compute if e["pid"] == 1} == {f"1{k}{mb}" for k in "FBW" for mb in range(4)}
+    assert {e["name"] for e in compute if e["pid"] == 0} == {f"0{k}{mb}" for k in ("F", "BW") for mb in range(4)}
     assert (tmp_path / "timeline.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     bubbles = [r["bubble"] for r in rows if "bubble" in r]
