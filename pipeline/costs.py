@@ -199,3 +199,11 @@ def from_trace(events_by_rank, spec: MLPSpec, stage_layers: list[range], rows: i
     send_s = statistics.median(sends) if sends else 0.0
     costs = Costs(compute, _message_bytes(spec, stage_layers, rows), latency_s=5e-5, bandwidth=2e9, send_s=send_s)
     return costs, statistics.median(gaps) if gaps else 0.0
+
+
+def add_arguments(parser) -> None:
+    """The options `python -m pipeline.plan` and `python -m pipeline.simulate` share."""
+    parser.add_argument("--ranks", type=int, default=2, help="pipeline ranks p (default 2)")
+    parser.add_argument("--measure", action="store_true", help="time each stage here instead of counting FLOPs")
+    parser.add_argument("--threads", type=int, default=1, help="threads while measuring (torchrun gives each rank 1)")
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. model.hidden=[1024,1024]")

@@ -20,7 +20,7 @@ from typing import Callable
 
 from pipeline import microbatch, partition
 from pipeline.config import AUTO, Config, compose
-from pipeline.costs import Costs, flop_costs, layer_times, measured_costs, peak_stash_bytes
+from pipeline.costs import Costs, add_arguments, flop_costs, layer_times, measured_costs, peak_stash_bytes
 from pipeline.errors import ConfigError, UserError, exit_with
 from pipeline.model import MLPSpec
 from pipeline.schedule import (SCHEDULES, VIRTUAL, Action, Schedule, build_schedule, fuse_backward, lower,
@@ -187,12 +187,9 @@ def format_options(ranked: list[Option], limit: int = 25) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipeline.plan", description=__doc__.splitlines()[0])
-    parser.add_argument("--ranks", type=int, default=2, help="pipeline ranks p (default 2)")
+    add_arguments(parser)
     parser.add_argument("--memory-gib", type=float, default=None, help="memory budget per rank in GiB")
-    parser.add_argument("--measure", action="store_true", help="time each stage here instead of counting FLOPs")
-    parser.add_argument("--threads", type=int, default=1, help="threads while measuring (torchrun gives each rank 1)")
     parser.add_argument("--top", type=int, default=25, help="rows to print")
-    parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. model.hidden=[1024,1024]")
     args = parser.parse_args(argv)
     try:
         return _plan_command(args)

@@ -390,16 +390,14 @@ def format_summary(result: SimResult) -> str:
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
+    from pipeline.costs import add_arguments
     from pipeline.errors import UserError, exit_with
 
     parser = argparse.ArgumentParser(prog="python -m pipeline.simulate", description=__doc__.splitlines()[0])
-    parser.add_argument("--ranks", type=int, default=2, help="pipeline ranks p (default 2)")
-    parser.add_argument("--measure", action="store_true", help="time each stage here instead of counting FLOPs")
-    parser.add_argument("--threads", type=int, default=1, help="threads while measuring (torchrun gives each rank 1)")
+    add_arguments(parser)
     parser.add_argument("--latency-us", type=float, default=50.0, help="per-message latency (default 50 us)")
     parser.add_argument("--bandwidth-gbs", type=float, default=2.0, help="link bandwidth in GB/s (default 2)")
     parser.add_argument("--png", default="timeline_predicted.png", help="where to draw the predicted timeline")
-    parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. pipeline.schedule=zb_h1")
     args = parser.parse_args(argv)
     try:
         return _predict_command(args)
