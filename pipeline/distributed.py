@@ -121,13 +121,27 @@ def plan_devices(env: Env, transport: str, conf: DistConfig) -> tuple[torch.devi
     return device, backend_for(conf.backend, device) if distributed else None
 
 
+def _store(env: Env, timeout: timedelta) -> dist.Store:
+    """The rendezvous store, its keys prefixed with torchrun's restart count.
+
+    torchrun (2.13) lets workers share its agent's store across restarts; without the prefix a
+    restarted group can read the dead group's gloo addresses and fail to connect.
+    """
+    agent_hosts = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), env.world_size,
+                          is_master=env.rank == 0 and not agent_hosts, timeout=timeout)
+    return dist.PrefixStore(f"pipeline/restart{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+
+
 def _join(env: Env, backend: str, conf: DistConfig) -> None:
     """Start the process group; peers may still be importing, so joining waits dist.init_timeout_s.
 
     That timeout is also the group's default; every wait during training passes dist.timeout_s.
     """
+    timeout = timedelta(seconds=max(conf.init_timeout_s, conf.timeout_s))
     try:
-        dist.init_process_group(backend, timeout=timedelta(seconds=max(conf.init_timeout_s, conf.timeout_s)))
+        dist.init_process_group(backend, timeout=timeout, store=_store(env, timeout), rank=env.rank,
+                                world_size=env.world_size)
     except (RuntimeError, ValueError) as err:  # DistStoreError and friends
         error = PeerTimeout(f"rank {env.rank}: could not join the process group of {env.world_size} within "
                             f"{conf.init_timeout_s:g} s (dist.init_timeout_s): {str(err).strip().splitlines()[0]}")

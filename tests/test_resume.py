@@ -217,7 +217,7 @@ def test_a_rank_killed_under_torchrun_restarts_and_ends_like_an_uninterrupted_ru
     # every step pauses 50 ms in the worker, so the kill lands mid-run, after step 5's checkpoint
     # torch 2.13 shares torchrun's TCPStore with the workers across restarts, and a restarted rank
     # can read the dead group's gloo addresses from it; opting out gives every restart a fresh store
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     torchrun = subprocess.Popen(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "--max-restarts=1",
          "tests/workers/slow_train.py", "0.05", *ELASTIC, f"hydra.run.dir={run_dir}"],
