@@ -110,11 +110,10 @@ class Engine:
     def stash_figures(self) -> dict[str, list[int]]:
         """Peak stashed micro-batches of every rank (a collective: all ranks call it)."""
         p = self.plan.num_ranks
-        figures = {}
-        for name, peaks in (("peak_stash", self.peak_stash), ("peak_awaiting_b", self.peak_awaiting_b),
-                            ("peak_stash_bytes", self.peak_stash_bytes)):
-            figures[name] = [int(self.comm.sum(float(peaks.get(r, 0)))) for r in range(p)]
-        return figures
+        named = (("peak_stash", self.peak_stash), ("peak_awaiting_b", self.peak_awaiting_b),
+                 ("peak_stash_bytes", self.peak_stash_bytes))
+        totals = self.comm.sum_list([float(peaks.get(r, 0)) for _, peaks in named for r in range(p)])  # one all-reduce
+        return {name: [int(v) for v in totals[i * p:(i + 1) * p]] for i, (name, _) in enumerate(named)}
 
     def measured_bubble(self, step: int) -> list[float]:
         """Each rank's idle fraction of `step` from its trace (a collective: all ranks call it).
