@@ -58,10 +58,6 @@ def shard_name(stage_index: int) -> str:
     return f"stage_{stage_index:03d}.pt"
 
 
-def named_parameters(layer) -> list[tuple[str, Tensor]]:
-    return [("weight", layer.weight)] + ([("bias", layer.bias)] if layer.bias is not None else [])
-
-
 def _fsync_dir(path: Path) -> None:
     """Make a rename in `path` durable; some file systems cannot open a directory, which is fine."""
     try:
@@ -91,7 +87,7 @@ def stage_shard(step: int, stage, optimizer: torch.optim.Optimizer) -> dict[str,
     """A stage's shard: weights and optimizer state per (global layer index, parameter name)."""
     layers, state = {}, {}
     for layer in stage.layers:
-        named = named_parameters(layer)
+        named = layer.named_parameters()
         layers[str(layer.index)] = dict(named)
         state[str(layer.index)] = {name: {k: v for k, v in optimizer.state.get(p, {}).items() if torch.is_tensor(v)}
                                    for name, p in named}

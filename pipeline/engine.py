@@ -173,7 +173,7 @@ class Engine:
             optimizer = self.optimizers[rank]
             for stage in self._stages_of(rank):
                 for layer in stage.layers:
-                    for name, param in checkpoint.named_parameters(layer):
+                    for name, param in layer.named_parameters():
                         with torch.no_grad():
                             param.copy_(state.params[layer.index][name])
                         saved = state.optimizer[layer.index][name]

@@ -69,8 +69,7 @@ def reference(conf: Config) -> Params:
         rows = torch.as_tensor(sampler.indices(step))
         microbatch.accumulate(stage, x_train[rows], y_train[rows], 1, conf.loss.name, conf.loss.l2)
         optimizer.step()
-    return {layer.index: {"weight": layer.weight, **({"bias": layer.bias} if layer.bias is not None else {})}
-            for layer in stage.layers}
+    return {layer.index: dict(layer.named_parameters()) for layer in stage.layers}
 
 
 def difference(params: Params, ref: Params) -> float:

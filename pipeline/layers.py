@@ -98,8 +98,12 @@ class Layer:
         self.activation = activation
         self.act = ACTIVATIONS[activation] if activation else None
 
+    def named_parameters(self) -> list[tuple[str, Tensor]]:
+        """("weight", W) and ("bias", b): the names checkpoints and exports key them by."""
+        return [("weight", self.weight)] + ([("bias", self.bias)] if self.bias is not None else [])
+
     def parameters(self) -> list[Tensor]:
-        return [self.weight] if self.bias is None else [self.weight, self.bias]
+        return [p for _, p in self.named_parameters()]
 
     def forward(self, x: Tensor) -> tuple[Tensor, Saved]:
         if self.bias is None:
