@@ -104,17 +104,18 @@ def test_torchrun_refuses_an_impossible_layout_on_every_rank_with_one_line(tmp_p
     assert "exitcode  : 2" in result.stderr  # every rank exited with the user-error code
 
 
-def median_step_time(run_dir, skip=3):
+def fastest_step_time(run_dir, skip=3):
+    """The fastest step after warm-up: what the cut allows when the shared machine leaves the ranks alone
+    (medians here swing by a third between runs as other processes come and go)."""
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    times = sorted(r["step_time_s"] for r in rows if "loss" in r and r["step"] > skip)
-    return times[len(times) // 2]
+    return min(r["step_time_s"] for r in rows if "loss" in r and r["step"] > skip)
 
 
 def test_time_partition_beats_uniform_on_uneven_layers(tmp_path):
-    # layers 0-5 are tiny, 6 and 7 are 768 x 768: uniform puts both big ones on rank 1 (4 | 5 layers),
-    # measured times put one on each rank
-    model = ["data=synthetic", "data.dim=16", "data.n=1024", "model.hidden=[16,16,16,16,16,768,768,768]",
-             "train.batch_size=256", "pipeline.microbatches=4", "train.steps=24", "train.log_every=1",
+    # layers 0-4 are tiny, 5-8 are 768 x 768: uniform puts all four big ones on rank 1 (5 | 5 layers),
+    # measured times put two on each rank
+    model = ["data=synthetic", "data.dim=16", "data.n=1024", "model.hidden=[16,16,16,16,768,768,768,768,768]",
+             "train.batch_size=512", "pipeline.microbatches=8", "train.steps=24", "train.log_every=1",
              "train.eval_every=24", "optim.lr=0.01"]
     times = {}
     for rule in ("uniform", "time"):
@@ -122,9 +123,11 @@ def test_time_partition_beats_uniform_on_uneven_layers(tmp_path):
         result = run_cli("torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "pipeline.train",
                          *model, f"pipeline.partition={rule}", f"hydra.run.dir={run}", timeout=200)
         assert result.returncode == 0, result.stderr[-3000:]
-        times[rule] = median_step_time(run)
+        times[rule] = fastest_step_time(run)
         shards = [torch.load(run / "checkpoints/step_00000024" / f"stage_{s:03d}.pt", weights_only=True)
                   for s in (0, 1)]
         cut = [sorted(int(i) for i in shard["layers"]) for shard in shards]
-        assert cut == ([[0, 1, 2, 3], [4, 5, 6, 7, 8]] if rule == "uniform" else [[0, 1, 2, 3, 4, 5, 6], [7, 8]])
+        assert cut == ([[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]] if rule == "uniform" else
+                       [[0, 1, 2, 3, 4, 5, 6], [7, 8, 9]])
+    print(f"fastest step: uniform {times['uniform'] * 1e3:.1f} ms, time {times['time'] * 1e3:.1f} ms")
     assert times["time"] < 0.8 * times["uniform"], times
