@@ -70,6 +70,7 @@ class PipelineConfig:
     memory_gib: float | None = None  # per-rank budget the planner (schedule=auto) must respect
     transport: str = "p2p"  # p2p: one rank per process (torchrun); inprocess: every rank in this process
     ranks: int | None = None  # p; with p2p it must equal the world size
+    recompute: bool = False  # keep only each stage's input per micro-batch; recompute the rest in its backward
 
 
 @dataclass(frozen=True)
@@ -236,6 +237,7 @@ def _pipeline(raw: Mapping[str, Any]) -> PipelineConfig:
         partition=_partition(raw.get("partition", "uniform")),
         transport=_choice("pipeline.transport", raw.get("transport", "p2p"), TRANSPORTS),
         ranks=_optional_int("pipeline.ranks", raw.get("ranks")),
+        recompute=_bool("pipeline.recompute", raw.get("recompute", False)),
     )
 
 

@@ -33,7 +33,8 @@ class Engine:
     def __init__(self, conf: Config, spec: MLPSpec, plan: Plan, comm: Comm):
         self.conf, self.spec, self.plan, self.comm = conf, spec, plan, comm
         seed, loss_name = conf.train.seed, conf.loss.name  # plan, not conf, says schedule, m and v (auto)
-        self.stages = {s: Stage(s, plan.num_stages, build_layers(spec, seed, plan.stage_layers[s], comm.device))
+        self.stages = {s: Stage(s, plan.num_stages, build_layers(spec, seed, plan.stage_layers[s], comm.device),
+                                recompute=conf.pipeline.recompute)
                        for r in comm.local_ranks for s in plan.stages_of(r)}
         self.runtimes = {r: Runtime(r, plan.num_ranks, self._stages_of(r), comm.transports[r], loss_name)
                          for r in comm.local_ranks}

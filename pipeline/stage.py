@@ -21,12 +21,13 @@ Stash = list[Saved]
 class Stage:
     """Layers [first, last] of the model, numbered globally."""
 
-    def __init__(self, stage_index: int, num_stages: int, layers: list[Layer]):
+    def __init__(self, stage_index: int, num_stages: int, layers: list[Layer], recompute: bool = False):
         if not layers:
             raise ValueError(f"stage {stage_index} has no layers")
         self.stage_index = stage_index
         self.num_stages = num_stages
         self.layers = layers
+        self.recompute = recompute  # pipeline.recompute: not implemented yet
         self.zero_grad()
 
     @property
