@@ -111,6 +111,13 @@ class DistConfig:
 
 
 @dataclass(frozen=True)
+class ParallelConfig:
+    dp: int = 1  # d: replicas of the whole pipeline; the world is p x d processes
+    pp: int | None = None  # p: pipeline ranks per replica; null = world size / d (p2p) or pipeline.ranks
+    bucket_mib: float = 25.0  # gradients all-reduced across replicas in buckets of at most this size
+
+
+@dataclass(frozen=True)
 class Config:
     model: ModelConfig
     data: DataConfig
@@ -121,6 +128,7 @@ class Config:
     checkpoint: CheckpointConfig
     dist: DistConfig
     trace: TraceConfig = TraceConfig()
+    parallel: ParallelConfig = ParallelConfig()
 
 
 def _is_int(value: Any) -> bool:
@@ -296,6 +304,7 @@ def parse(cfg: DictConfig | Mapping[str, Any]) -> Config:
     trace = raw.get("trace") or {}
     conf = replace(conf, trace=TraceConfig(_bool("trace.enabled", trace.get("enabled", False)),
                                            _optional_int("trace.step", trace.get("step"))))
+    conf = replace(conf, parallel=_parallel(raw.get("parallel") or {}, conf.pipeline))
     if conf.trace.step is not None and conf.trace.step > conf.train.steps:
         raise ConfigError(f"trace.step={conf.trace.step} is after the last step ({conf.train.steps}); "
                           "pick a step in range or leave it null")
@@ -305,7 +314,29 @@ def parse(cfg: DictConfig | Mapping[str, Any]) -> Config:
     if conf.pipeline.microbatches > conf.train.batch_size:
         raise ConfigError(f"pipeline.microbatches={conf.pipeline.microbatches} exceeds train.batch_size="
                           f"{conf.train.batch_size}; use at most one micro-batch per example")
+    _check_replica_rows(conf)
     return conf
+
+
+def _parallel(raw: Mapping[str, Any], pipeline: PipelineConfig) -> ParallelConfig:
+    conf = ParallelConfig(dp=_int("parallel.dp", raw.get("dp", 1)), pp=_optional_int("parallel.pp", raw.get("pp")),
+                          bucket_mib=_float("parallel.bucket_mib", raw.get("bucket_mib", 25.0), positive=True))
+    if conf.pp is not None and pipeline.ranks is not None and conf.pp != pipeline.ranks:
+        raise ConfigError(f"parallel.pp={conf.pp} and pipeline.ranks={pipeline.ranks} disagree (both are p); "
+                          "set only one of them")
+    if conf.dp > 1 and pipeline.transport == "inprocess":
+        raise ConfigError(f"parallel.dp={conf.dp} needs one process per rank: use pipeline.transport=p2p under "
+                          "torchrun, or parallel.dp=1 with the in-process transport")
+    return conf
+
+
+def _check_replica_rows(conf: Config) -> None:
+    """Each of the d replicas trains on its share of the global batch, split into m micro-batches."""
+    d, m, batch = conf.parallel.dp, conf.pipeline.microbatches, conf.train.batch_size
+    if d > 1 and batch // d < m:
+        raise ConfigError(f"train.batch_size={batch} split over parallel.dp={d} replicas leaves {batch // d} rows "
+                          f"per replica, fewer than pipeline.microbatches={m}; raise train.batch_size to at least "
+                          f"{d * m} or lower pipeline.microbatches")
 
 
 def compose(overrides: Sequence[str] = ()) -> Config:

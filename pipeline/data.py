@@ -124,14 +124,25 @@ def check_model_fits(data: Dataset, in_dim: int, out_dim: int) -> None:
 
 
 class BatchSampler:
-    """Which rows make up the batch of step t: a pure function of (seed, t), drop-last."""
+    """Which rows make up the batch of step t: a pure function of (seed, t), drop-last.
 
-    def __init__(self, num_rows: int, batch_size: int, seed: int, shuffle: bool):
+    With d replicas (parallel.dp) each gets consecutive rows of the same global batch, in shares
+    that differ by at most one row (the first B mod d get one more), so together they read
+    exactly the batch one device would.
+    """
+
+    def __init__(self, num_rows: int, batch_size: int, seed: int, shuffle: bool, replica: int = 0,
+                 num_replicas: int = 1):
         self.num_rows, self.batch_size = num_rows, batch_size
         self.seed, self.shuffle = seed, shuffle
         self.batches_per_epoch = num_rows // batch_size
+        self.replica, self.num_replicas = replica, num_replicas
 
     def indices(self, step: int) -> np.ndarray:
+        """This replica's rows of step `step`'s global batch (all of it with one replica)."""
+        return np.array_split(self.global_indices(step), self.num_replicas)[self.replica]
+
+    def global_indices(self, step: int) -> np.ndarray:
         epoch, position = divmod(step, self.batches_per_epoch)
         start = position * self.batch_size
         if not self.shuffle:

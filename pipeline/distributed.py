@@ -1,9 +1,21 @@
-"""Where this process sits in a torchrun job, and the process group its ranks talk over.
+"""Where this process sits in a torchrun job, and the process groups its ranks talk over.
 
 `connect` yields a Comm: which pipeline ranks this process runs (one under torchrun, all of
-them in-process), a transport for each, and the two collectives the trainer needs (a sum of
-one number, a barrier). It starts the process group only when there is a peer to talk to and
-none exists yet, and then waits for every peer and destroys it on the way out.
+them in-process), a transport for each, and the collectives the trainer needs (sums over the
+pipeline, a sum over the replicas of a stage, a barrier). It starts the process group only when
+there is a peer to talk to and none exists yet, and then waits for every peer and destroys it
+on the way out.
+
+With d replicas of a p-rank pipeline (parallel.dp = d) the world's p x d processes form a grid:
+
+    global rank = replica * p + pipeline rank        e.g. p = 2, d = 2:   replica 0: ranks 0 1
+                                                                          replica 1: ranks 2 3
+    a pipeline group per replica (its P2P messages and pipeline-wide sums stay inside it), and
+    a replica group per pipeline rank (ranks 0 2 and 1 3: the all-reduce of that stage's gradients).
+
+One replica's pipeline sits on consecutive ranks, so with --nproc-per-node=p each pipeline stays
+within one node: the frequent, latency-bound P2P messages never cross the network, only one
+all-reduce per stage and step does.
 """
 
 from __future__ import annotations
@@ -61,39 +73,91 @@ def backend_for(name: str, device: torch.device) -> str:
     return name
 
 
+@dataclass(frozen=True)
+class Grid:
+    """This process's place in the p x d grid of a torchrun job (see the module docstring)."""
+
+    num_ranks: int  # p: pipeline ranks per replica
+    num_replicas: int  # d
+    rank: int  # global rank
+
+    @property
+    def pipeline_rank(self) -> int:
+        return self.rank % self.num_ranks
+
+    @property
+    def replica(self) -> int:
+        return self.rank // self.num_ranks
+
+    def pipeline_ranks(self, replica: int) -> list[int]:
+        """The global ranks of one replica's pipeline, in pipeline order."""
+        return [replica * self.num_ranks + r for r in range(self.num_ranks)]
+
+    def replica_ranks(self, pipeline_rank: int) -> list[int]:
+        """The global ranks holding the same stages in every replica."""
+        return [d * self.num_ranks + pipeline_rank for d in range(self.num_replicas)]
+
+
 class Comm:
-    """The ranks this process runs and how they reach the others."""
+    """The pipeline ranks this process runs, how they reach the others, and the sums they need."""
 
     def __init__(self, local_ranks: list[int], transports: dict, distributed: bool, timeout_s: float,
-                 device: torch.device):
-        self.local_ranks = local_ranks
+                 device: torch.device, replica: int = 0, num_replicas: int = 1,
+                 pipeline_group: dist.ProcessGroup | None = None, replica_group: dist.ProcessGroup | None = None):
+        self.local_ranks = local_ranks  # pipeline ranks, 0 .. p-1
         self.transports = transports
         self.distributed = distributed
         self.timeout_s = timeout_s
         self.device = device  # where this process's stages and batches live
+        self.replica, self.num_replicas = replica, num_replicas
+        self.pipeline_group = pipeline_group  # None: the whole world is one pipeline
+        self.replica_group = replica_group  # None: no other replica
+
+    @property
+    def is_root(self) -> bool:
+        """The one process that writes run-wide files (global rank 0)."""
+        return self.replica == 0 and 0 in self.local_ranks
+
+    @property
+    def writes_results(self) -> bool:
+        """Replica 0 keeps the books: metrics, evaluation, checkpoints and traces (the replicas are equal)."""
+        return self.replica == 0
 
     def sum(self, value: float) -> float:
-        """The sum of `value` over every process (all call it at the same point)."""
+        """The sum of `value` over this pipeline's processes (all call it at the same point)."""
         return self.sum_list([value])[0]
 
     def sum_list(self, values: list[float]) -> list[float]:
-        """Element-wise sums over every process (all call it at the same point)."""
+        """Element-wise sums over this pipeline's processes (all call it at the same point)."""
+        return self._all_reduce(values, self.pipeline_group, "all_reduce")
+
+    def sum_replicas(self, values: list[float]) -> list[float]:
+        """Element-wise sums over the replicas of this process's stages (all of them call it)."""
+        if self.replica_group is None:
+            return list(values)
+        return self._all_reduce(values, self.replica_group, "all_reduce over the replicas")
+
+    def sum_world(self, values: list[float]) -> list[float]:
+        """Element-wise sums over every process of the job (all call it at the same point)."""
+        return self._all_reduce(values, dist.group.WORLD if self.distributed else None, "all_reduce")
+
+    def mean_list(self, values: list[float]) -> list[float]:
+        """Element-wise means over every process of the job (all call it at the same point)."""
+        processes = dist.get_world_size() if self.distributed else 1
+        return [v / processes for v in self.sum_world(values)]
+
+    def _all_reduce(self, values: list[float], group, what: str) -> list[float]:
         if not self.distributed:
             return list(values)
         total = torch.tensor(values, dtype=torch.float64, device=self.device)
         try:
-            dist.all_reduce(total, async_op=True).wait(timedelta(seconds=self.timeout_s))
+            dist.all_reduce(total, group=group, async_op=True).wait(timedelta(seconds=self.timeout_s))
         except RuntimeError as err:
             error = PeerTimeout(f"rank {dist.get_rank()}: no answer within {self.timeout_s:g} s (dist.timeout_s) "
-                                f"at an all_reduce ({str(err).strip().splitlines()[0][-120:]})")
-            error.report.update(rank=dist.get_rank(), waiting_on="all_reduce")
+                                f"at an {what} ({str(err).strip().splitlines()[0][-120:]})")
+            error.report.update(rank=dist.get_rank(), waiting_on=what)
             raise error from None
         return total.tolist()
-
-    def mean_list(self, values: list[float]) -> list[float]:
-        """Element-wise means over every process."""
-        processes = dist.get_world_size() if self.distributed else 1
-        return [v / processes for v in self.sum_list(values)]
 
     def barrier(self, what: str) -> None:
         if not self.distributed:
@@ -149,9 +213,22 @@ def _join(env: Env, backend: str, conf: DistConfig) -> None:
         raise error from None
 
 
+def _groups(grid: Grid) -> tuple[dist.ProcessGroup | None, dist.ProcessGroup | None]:
+    """(this replica's pipeline group, this pipeline rank's replica group); every process creates
+    every group, in the same order, as torch.distributed requires. None where the world would do."""
+    if grid.num_replicas == 1:
+        return None, None
+    pipelines = [dist.new_group(grid.pipeline_ranks(d)) for d in range(grid.num_replicas)]
+    replicas = [dist.new_group(grid.replica_ranks(r)) for r in range(grid.num_ranks)]
+    return pipelines[grid.replica], replicas[grid.pipeline_rank]
+
+
 @contextmanager
 def connect(env: Env, num_ranks: int, transport: str, conf: DistConfig) -> Iterator[Comm]:
-    """The Comm for this process; starts (and later ends) the process group when one is needed."""
+    """The Comm for this process; starts (and later ends) the process group when one is needed.
+
+    `num_ranks` is p; under torchrun the world holds world_size / p replicas of the pipeline.
+    """
     device, backend = plan_devices(env, transport, conf)
     if backend is None:
         mailboxes = Mailboxes()
@@ -164,10 +241,19 @@ def connect(env: Env, num_ranks: int, transport: str, conf: DistConfig) -> Itera
         if device.type == "cuda":
             torch.cuda.set_device(device)
         _join(env, backend, conf)
-    comm = Comm([env.rank], {env.rank: P2PTransport(env.rank, conf.timeout_s)}, True, conf.timeout_s, device)
+    grid = Grid(num_ranks, env.world_size // num_ranks, env.rank)
+    pipeline_group, replica_group = _groups(grid)
+    r = grid.pipeline_rank
+    transport_ = P2PTransport(r, conf.timeout_s, first_global_rank=grid.pipeline_ranks(grid.replica)[0])
+    comm = Comm([r], {r: transport_}, True, conf.timeout_s, device, grid.replica, grid.num_replicas,
+                pipeline_group, replica_group)
     yield comm
     # Only after a clean run: wait for every peer, then close. After an error a peer may be gone
     # or stopped, and waiting for it would turn a clear error into a hang; exiting closes sockets.
     if owned:
         comm.barrier("end of run")
+    for group in (pipeline_group, replica_group):
+        if group is not None:
+            dist.destroy_process_group(group)
+    if owned:
         dist.destroy_process_group()

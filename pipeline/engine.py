@@ -1,7 +1,9 @@
 """The pipeline ranks this process runs: their stages, runtimes and optimizers, stepped together.
 
 Under torchrun a process runs one rank; with the in-process transport it runs all of them.
-Either way each rank steps the optimizer on its own stages' parameters only.
+Either way each rank steps the optimizer on its own stages' parameters only. With replicas
+(parallel.dp > 1) each trains on its share of the global batch and the stages' gradients are
+summed over the replicas (see data_parallel) before the regulariser and the update.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from torch import Tensor
 
 from pipeline import checkpoint, microbatch, objective, trace
 from pipeline.config import Config
+from pipeline.data_parallel import GradReducer
 from pipeline.distributed import Comm
 from pipeline.model import MLPSpec, build_layers
 from pipeline.plan import Plan
@@ -40,6 +43,14 @@ class Engine:
                          for r in comm.local_ranks}
         self.optimizers = {r: make_optimizer(conf, [p for st in self._stages_of(r) for p in st.parameters()])
                            for r in comm.local_ranks}
+        self.reducer = None
+        if comm.replica_group is not None:
+            self.reducer = GradReducer(self.stages, comm.replica_group, int(conf.parallel.bucket_mib * 2 ** 20),
+                                       conf.dist.timeout_s)
+            for runtime in self.runtimes.values():
+                runtime.on_grads_ready = self.reducer.start
+        # this replica's rows of the global batch (np.array_split's sizes, as datasets.BatchSampler cuts them)
+        self.replica_rows = microbatch.sizes(conf.train.batch_size, comm.num_replicas)[comm.replica]
         if conf.trace.enabled:
             for runtime in self.runtimes.values():
                 runtime.events = []
@@ -56,26 +67,35 @@ class Engine:
 
     @property
     def holds_last(self) -> bool:
-        """Does this process compute the loss (and so write metrics)?"""
+        """Does this process compute the loss?"""
         return self.plan.num_stages - 1 in self.stages
 
+    @property
+    def reports(self) -> bool:
+        """Does this process write metrics, evaluate and print? The last stage of replica 0."""
+        return self.holds_last and self.comm.writes_results
+
     def run(self, schedule, x: Tensor | None, y: Tensor | None, rows: int, num_mbs: int,
-             training: bool, step: int = 0) -> dict[int, StepResult]:
-        """One pass of `schedule` over a batch of `rows` rows in `num_mbs` micro-batches, on every local rank."""
+             training: bool, step: int = 0, batch_size: int | None = None) -> dict[int, StepResult]:
+        """One pass of `schedule` over `rows` rows in `num_mbs` micro-batches, on every local rank;
+        losses are divided by `batch_size` (default `rows`)."""
         sizes = microbatch.sizes(rows, num_mbs)
         x_mbs = microbatch.split(x, num_mbs) if self.holds_first else None
         y_mbs = microbatch.split(y, num_mbs) if self.holds_last else None
         for runtime in self.runtimes.values():
-            runtime.begin(sizes, x_mbs, y_mbs, training, step)
+            runtime.begin(sizes, x_mbs, y_mbs, training, step, batch_size)
         execute(self.runtimes, schedule)
         return {rank: runtime.end() for rank, runtime in self.runtimes.items()}
 
     def train_step(self, x: Tensor | None, y: Tensor | None, step: int = 0) -> Tensor | None:
-        """Accumulate dJ/dW for one minibatch under the schedule; returns L where the loss lives."""
+        """Accumulate dJ/dW for one minibatch under the schedule (x, y: this replica's rows);
+        returns this replica's share of L where the loss lives."""
         for stage in self.stages.values():
             stage.zero_grad()
-        results = self.run(self.plan.train_schedule, x, y, self.conf.train.batch_size,
-                           self.plan.num_microbatches, training=True, step=step)
+        results = self.run(self.plan.train_schedule, x, y, self.replica_rows, self.plan.num_microbatches,
+                           training=True, step=step, batch_size=self.conf.train.batch_size)
+        if self.reducer is not None:
+            self.reducer.wait()  # dJ/dW of the data term, summed over the replicas
         for stage in self.stages.values():
             objective.add_regulariser_grad(stage.weights(), self.conf.loss.l2)  # dJ/dW += lambda W
         for rank, result in results.items():
@@ -83,6 +103,10 @@ class Engine:
             self.peak_awaiting_b[rank] = max(self.peak_awaiting_b[rank], result.peak_awaiting_b)
             self.peak_stash_bytes[rank] = max(self.peak_stash_bytes[rank], result.peak_stash_bytes)
         return results[self.plan.last_rank].loss if self.holds_last else None
+
+    def batch_loss(self, loss: Tensor) -> float:
+        """L of the global batch from this replica's share (the last stages of all replicas call it)."""
+        return self.comm.sum_replicas([float(loss)])[0]
 
     def local_regulariser(self) -> float:
         """This process's share of s = lambda/2 sum ||W||^2; the trainer sums it over ranks with its NaN check."""
@@ -109,10 +133,17 @@ class Engine:
         return {"test_loss": float(last.loss), "test_accuracy": last.correct / rows}
 
     def stash_figures(self) -> dict[str, list[int]]:
-        """Peak stashed micro-batches of every rank (a collective: all ranks call it)."""
+        """Peak stashed micro-batches and bytes of every rank, and the bytes of its parameters, gradients
+        and optimizer state, counted on the tensors (a collective: all ranks call it)."""
+        from pipeline.memory import held_bytes
+
         p = self.plan.num_ranks
+        held = {r: held_bytes([q for st in self._stages_of(r) for q in st.parameters()], self.optimizers[r])
+                for r in self.comm.local_ranks}
         named = (("peak_stash", self.peak_stash), ("peak_awaiting_b", self.peak_awaiting_b),
-                 ("peak_stash_bytes", self.peak_stash_bytes))
+                 ("peak_stash_bytes", self.peak_stash_bytes),
+                 *((name, {r: h[i] for r, h in held.items()})
+                   for i, name in enumerate(("param_bytes", "grad_bytes", "optimizer_bytes"))))
         totals = self.comm.sum_list([float(peaks.get(r, 0)) for _, peaks in named for r in range(p)])  # one all-reduce
         return {name: [int(v) for v in totals[i * p:(i + 1) * p]] for i, (name, _) in enumerate(named)}
 
@@ -134,18 +165,21 @@ class Engine:
 
     def save_trace(self, run_dir: str | Path, step: int | None) -> dict | None:
         """Every process writes its ranks' events; rank 0 merges trace.json and draws timeline.png."""
-        for rank, runtime in self.runtimes.items():
-            trace.write_rank(run_dir, rank, runtime.events)
+        if self.comm.writes_results:  # replica 0's pipeline; the others ran the same schedule
+            for rank, runtime in self.runtimes.items():
+                trace.write_rank(run_dir, rank, runtime.events)
         self.comm.barrier("trace")
-        return trace.finish(run_dir, step) if 0 in self.comm.local_ranks else None
+        return trace.finish(run_dir, step) if self.comm.is_root else None
 
     def save(self, run_dir: str | Path, step: int) -> None:
-        """Every rank writes its stages' shards; once all have, rank 0 marks the checkpoint complete."""
-        shards = [checkpoint.stage_shard(step, self.stages[s], self.optimizers[r])
-                  for r in self.comm.local_ranks for s in self.plan.stages_of(r)]
-        checkpoint.save_shards(run_dir, step, shards)
+        """Every rank of replica 0 writes its stages' shards (the replicas hold the same state);
+        once all have, global rank 0 marks the checkpoint complete."""
+        if self.comm.writes_results:
+            shards = [checkpoint.stage_shard(step, self.stages[s], self.optimizers[r])
+                      for r in self.comm.local_ranks for s in self.plan.stages_of(r)]
+            checkpoint.save_shards(run_dir, step, shards)
         self.comm.barrier(f"checkpoint {step}")
-        if 0 in self.comm.local_ranks:
+        if self.comm.is_root:
             checkpoint.commit(run_dir, step, self.checkpoint_meta())
             checkpoint.prune(run_dir, self.conf.checkpoint.keep, step)
 
@@ -154,7 +188,7 @@ class Engine:
         return {"num_stages": self.plan.num_stages, "num_layers": self.spec.num_layers,
                 "stage_layers": [[r.start, r.stop] for r in self.plan.stage_layers], "num_ranks": self.plan.num_ranks,
                 "virtual_stages": self.plan.virtual_stages, "dims": list(self.spec.dims), "bias": self.spec.bias,
-                "dtype": self.spec.dtype, "optimizer": self.conf.optim.name}
+                "dtype": self.spec.dtype, "optimizer": self.conf.optim.name, "replicas": self.comm.num_replicas}
 
     def local_layers(self) -> list[int]:
         return sorted(layer.index for stage in self.stages.values() for layer in stage.layers)

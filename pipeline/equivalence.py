@@ -50,10 +50,12 @@ PROBLEM = {
 }
 
 
-def problem(timeout_s: float | None = None, **pipeline) -> Config:
-    """The small problem with some pipeline keys replaced (schedule, microbatches, ranks, ...)."""
+def problem(timeout_s: float | None = None, dp: int = 1, pp: int | None = None, **pipeline) -> Config:
+    """The small problem with some pipeline keys replaced (schedule, microbatches, ranks, ...) and
+    d = dp replicas of a p = pp rank pipeline."""
     conf = config.parse(PROBLEM)
-    conf = replace(conf, pipeline=replace(conf.pipeline, **pipeline))
+    conf = replace(conf, pipeline=replace(conf.pipeline, **pipeline),
+                   parallel=replace(conf.parallel, dp=dp, pp=pp))
     return replace(conf, dist=replace(conf.dist, timeout_s=timeout_s)) if timeout_s else conf
 
 

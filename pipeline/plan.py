@@ -57,17 +57,29 @@ class Plan:
 
 
 def num_ranks(conf: Config, world_size: int) -> int:
-    """p: the world size under torchrun, pipeline.ranks (default 1) for the in-process transport."""
-    p = conf.pipeline
-    if p.transport == "inprocess":
+    """p: pipeline ranks per replica. Under torchrun the world is p x d processes (parallel.dp = d);
+    the in-process transport runs all p (pipeline.ranks or parallel.pp, default 1) in one process."""
+    p, d = conf.parallel.pp or conf.pipeline.ranks, conf.parallel.dp
+    if conf.pipeline.transport == "inprocess":
         if world_size > 1:
             raise ConfigError(f"pipeline.transport=inprocess runs every rank in one process, but the world size is "
                               f"{world_size}; launch one process or use pipeline.transport=p2p")
-        return p.ranks or 1
-    if p.ranks is not None and p.ranks != world_size:
-        raise ConfigError(f"pipeline.ranks={p.ranks} does not match the world size {world_size}; set "
-                          f"--nproc-per-node={p.ranks} or drop pipeline.ranks")
-    return world_size
+        return p or 1
+    if p is None:
+        if world_size % d:
+            raise ConfigError(f"the world size {world_size} is not a multiple of parallel.dp={d}; launch a multiple "
+                              f"of {d} processes or change parallel.dp")
+        return world_size // d
+    if p * d != world_size:
+        key = "parallel.pp" if conf.parallel.pp else "pipeline.ranks"
+        raise ConfigError(f"{key}={p} x parallel.dp={d} needs {p * d} processes but the world size is {world_size}; "
+                          f"launch {p * d} processes (e.g. --nproc-per-node={p * d}) or drop {key}")
+    return p
+
+
+def replica_batch(conf: Config) -> int:
+    """Rows of the global batch one replica trains on per step (the largest of the d shares)."""
+    return microbatch.sizes(conf.train.batch_size, conf.parallel.dp)[0]
 
 
 def forward_only(num_ranks: int, num_microbatches: int, virtual_stages: int) -> Schedule:
@@ -106,7 +118,7 @@ def retime(plan: Plan, spec: MLPSpec, conf: Config, mean_over_processes: Callabl
 
     Every process measures every layer; the times are averaged over processes so all cut alike.
     """
-    rows = math.ceil(conf.train.batch_size / plan.num_microbatches)
+    rows = math.ceil(replica_batch(conf) / plan.num_microbatches)
     times = mean_over_processes(layer_times(spec, rows, conf.train.seed))
     counts = partition.balance(times, plan.num_stages)
     return replace(plan, stage_layers=tuple(partition.stage_layers(counts)))
@@ -145,10 +157,10 @@ def evaluate_option(conf: Config, spec: MLPSpec, p: int, name: str, m: int, v: i
                     cost_of: Callable[[list[range], int], Costs], budget: float) -> Option:
     rule = conf.pipeline.partition if conf.pipeline.partition != "time" else "params"
     stages = tuple(partition.stage_layers(partition.layer_counts(spec, p * v, rule, f"{p} ranks x v={v}")))
-    rows = math.ceil(conf.train.batch_size / m)
+    rows = math.ceil(replica_batch(conf) / m)
     schedule = fuse_backward(lower(build_schedule(name, p, m, v), p))
     result = simulate(schedule, p, m, v, cost_of(list(stages), rows))
-    stash = peak_stash_bytes(schedule, spec, list(stages), microbatch.sizes(conf.train.batch_size, m))
+    stash = peak_stash_bytes(schedule, spec, list(stages), microbatch.sizes(replica_batch(conf), m))
     memory = [rank_memory(conf, spec, stages, stages_of_rank(r, p, v), stash[r]) for r in range(p)]
     return Option(name, m, v, result.makespan, max(result.bubble.values()), memory, max(memory) <= budget)
 
@@ -159,7 +171,7 @@ def options(conf: Config, spec: MLPSpec, p: int, cost_of: Callable[[list[range],
     budget = math.inf if budget_gib is None else budget_gib * GIB
     found = []
     for name in SCHEDULES:
-        for m in (m for m in MICROBATCH_CHOICES if m <= conf.train.batch_size):
+        for m in (m for m in MICROBATCH_CHOICES if m <= replica_batch(conf)):
             for v in (v for v in VIRTUAL_CHOICES if (v == 1 or name in VIRTUAL) and p * v <= spec.num_layers):
                 if isinstance(conf.pipeline.partition, tuple) and len(conf.pipeline.partition) != p * v:
                     continue

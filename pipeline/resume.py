@@ -53,8 +53,8 @@ def _check_checkpoint_fits(conf: Config, spec: MLPSpec, run_dir: Path, steps: li
 def resume(conf: Config, engine: Engine, run_dir: Path, candidates: list[int]) -> int | None:
     """Restore the newest checkpoint every rank can read; None: there is none, start fresh.
 
-    Each rank reads only the shards holding its layers; one sum over the ranks says whether all
-    succeeded, so every rank settles on the same step. A damaged file is reported once, by the
+    Each rank reads only the shards holding its layers; one sum over every process (all replicas)
+    says whether all succeeded, so every rank settles on the same step. A damaged file is reported once, by the
     lowest rank that reads it, and the previous checkpoint is tried.
     """
     for step in candidates:
@@ -63,10 +63,10 @@ def resume(conf: Config, engine: Engine, run_dir: Path, candidates: list[int]) -
         except DamagedCheckpoint as err:
             state, problem = None, err
             _report(engine, run_dir, step, err)
-        if engine.comm.sum(float(problem is not None)) == 0:
+        if engine.comm.sum_world([float(problem is not None)])[0] == 0:
             engine.restore(state)
             _forget_later(engine, run_dir, step)
-            if engine.holds_last:
+            if engine.reports:
                 print(f"pipeline: resuming {run_dir} from step {step}", flush=True)
             return step
         if conf.train.resume != "auto":
@@ -82,13 +82,13 @@ def _report(engine: Engine, run_dir: Path, step: int, err: DamagedCheckpoint) ->
     reader = 0
     if err.shard is not None:
         reader = engine.first_reader(checkpoint.read_meta(run_dir, step), err.shard)
-    if reader in engine.comm.local_ranks:
+    if reader in engine.comm.local_ranks and engine.comm.writes_results:
         print(f"warning: {' '.join(str(err).split())}; trying the previous checkpoint", file=sys.stderr, flush=True)
 
 
 def _forget_later(engine: Engine, run_dir: Path, step: int) -> None:
     """Checkpoints after the resumed one are damaged or an abandoned history: rank 0 removes them
     before anyone trains, so they can never be mistaken for this run's."""
-    if 0 in engine.comm.local_ranks and checkpoint.discard_after(run_dir, step):
+    if engine.comm.is_root and checkpoint.discard_after(run_dir, step):
         checkpoint.point_latest(run_dir, step)
     engine.comm.barrier("resume")

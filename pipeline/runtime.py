@@ -79,6 +79,7 @@ class _StepState:
     outbox: dict[Key, Tensor] = field(default_factory=dict)
     awaiting_b: set[Key] = field(default_factory=set)
     stash_bytes: dict[Key, int] = field(default_factory=dict)
+    weights_done: dict[int, int] = field(default_factory=dict)  # per stage: micro-batches past W (or BW)
 
 
 class Runtime:
@@ -94,11 +95,15 @@ class Runtime:
         self.events: list[TraceEvent] | None = None  # a list records every action's span (trace.enabled)
         self.step = 0
         self.recent: deque[str] = deque(maxlen=12)  # the last completed actions, for hang reports
+        self.on_grads_ready: Callable[[int], None] | None = None  # called with a stage after its last W
 
     def begin(self, mb_sizes: list[int], inputs: list[Tensor] | None, labels: list[Tensor] | None,
-              training: bool = True, step: int = 0) -> None:
-        """Start a step (training) or an evaluation pass (training=False keeps nothing for backward)."""
-        self.state = _StepState(mb_sizes, sum(mb_sizes), training)
+              training: bool = True, step: int = 0, batch_size: int | None = None) -> None:
+        """Start a step (training) or an evaluation pass (training=False keeps nothing for backward).
+
+        Every micro-batch's loss is divided by `batch_size`: the global batch (all replicas), by
+        default the rows of this pass."""
+        self.state = _StepState(mb_sizes, batch_size or sum(mb_sizes), training)
         self.result = StepResult()
         self.step = step
         if 0 in self.stages:
@@ -193,13 +198,21 @@ class Runtime:
     def _W(self, s: int, mb: int) -> None:
         self.stages[s].backward_weight(self.state.stash.pop((s, mb)))
         del self.state.stash_bytes[(s, mb)]
+        self._weight_done(s)
 
     def _BW(self, s: int, mb: int) -> None:
         st = self.state
         dx = self.stages[s].backward(st.grads.pop((s, mb)), st.stash.pop((s, mb)))
         st.awaiting_b.discard((s, mb))
         del st.stash_bytes[(s, mb)]
+        self._weight_done(s)
         self._hand_back(s, mb, dx)
+
+    def _weight_done(self, s: int) -> None:
+        """After the stage's last W of the step its dJ/dW is complete (data parallelism starts its sum)."""
+        done = self.state.weights_done[s] = self.state.weights_done.get(s, 0) + 1
+        if done == len(self.state.mb_sizes) and self.on_grads_ready is not None:
+            self.on_grads_ready(s)
 
     def _hand_back(self, s: int, mb: int, dx: Tensor | None) -> None:
         """dJ/d(input of stage s) goes to stage s-1: here, or into the outbox for SEND_B."""

@@ -157,18 +157,20 @@ def _fit(conf: Config, spec: MLPSpec, engine: Engine, data: datasets.Dataset, te
     t, ck = conf.train, conf.checkpoint
     if resumed == t.steps:
         return _nothing_to_do(engine, run_dir, t.steps)
-    sampler = datasets.BatchSampler(len(data.x_train), t.batch_size, t.seed, conf.data.shuffle)
+    comm = engine.comm  # with replicas, the sampler hands each its share of the global batch
+    sampler = datasets.BatchSampler(len(data.x_train), t.batch_size, t.seed, conf.data.shuffle,
+                                    comm.replica, comm.num_replicas)
     # only the first stage reads inputs and only the last reads labels; they go to the device once
     x_train, y_train = as_tensors(data.x_train, data.y_train, spec, engine.comm.device)
     x_test, y_test = as_tensors(data.x_test, data.y_test, spec, engine.comm.device) if test_rows else (None, None)
-    log = MetricsLog(run_dir / "metrics.jsonl", enabled=engine.holds_last, keep_until=resumed)
+    log = MetricsLog(run_dir / "metrics.jsonl", enabled=engine.reports, keep_until=resumed)
     last_saved = resumed
     if ck.save_initial and resumed is None:
         engine.save(run_dir, 0)
         last_saved = 0
 
     first = (resumed or 0) + 1
-    bar, start, row, test = progress_bar(t.steps, enabled=engine.holds_last, initial=first - 1), \
+    bar, start, row, test = progress_bar(t.steps, enabled=engine.reports, initial=first - 1), \
         time.perf_counter(), {}, {}
     first_bad = FirstBadLoss()
     for step in range(first, t.steps + 1):
@@ -176,7 +178,7 @@ def _fit(conf: Config, spec: MLPSpec, engine: Engine, data: datasets.Dataset, te
         rows = torch.as_tensor(sampler.indices(step - 1), device=x_train.device)
         x = x_train[rows] if engine.holds_first else None
         y = y_train[rows] if engine.holds_last else None
-        loss = engine.train_step(x, y, step)  # L where the last stage lives, else None
+        loss = engine.train_step(x, y, step)  # this replica's share of L where the last stage lives, else None
         first_bad.see(loss, step)
         last = step == t.steps
         logging, saving = step % t.log_every == 0 or last, last or (ck.every > 0 and step % ck.every == 0)
@@ -186,14 +188,15 @@ def _fit(conf: Config, spec: MLPSpec, engine: Engine, data: datasets.Dataset, te
         # log and checkpoint steps check for NaN/inf on every rank; s rides the same collective
         reg = check_finite(engine, step, local_reg, first_bad, last_saved) if logging or saving else 0.0
         step_time = time.perf_counter() - tick
-        if logging and engine.holds_last:
-            row = {"step": step, "loss": float(loss), "reg": reg, "objective": float(loss) + reg,
+        batch_loss = engine.batch_loss(loss) if logging and engine.holds_last else 0.0  # L = sum over replicas
+        if logging and engine.reports:
+            row = {"step": step, "loss": batch_loss, "reg": reg, "objective": batch_loss + reg,
                    "lr": engine.optimizers[engine.plan.last_rank].param_groups[0]["lr"],
                    "step_time_s": step_time, "samples_per_s": t.batch_size / step_time,
                    **({"bubble": bubble} if bubble else {})}
             log.write(row)
             bar.set_postfix(loss=f"{row['loss']:.4f}")
-        if test_rows and (step % t.eval_every == 0 or last):
+        if test_rows and (step % t.eval_every == 0 or last) and comm.writes_results:  # replica 0 evaluates
             result = engine.evaluate(x_test if engine.holds_first else None,
                                      y_test if engine.holds_last else None, test_rows)
             if result is not None:
@@ -212,15 +215,17 @@ def _fit(conf: Config, spec: MLPSpec, engine: Engine, data: datasets.Dataset, te
     plan = engine.plan
     summary = {"steps": t.steps, "ranks": plan.num_ranks, "schedule": plan.schedule,
                "microbatches": plan.num_microbatches}
+    if comm.num_replicas > 1:
+        summary["replicas"] = comm.num_replicas
     if plan.virtual_stages > 1:
         summary["virtual_stages"] = plan.virtual_stages
     if resumed is not None:
         summary["resumed_from"] = resumed
-    if engine.holds_last:
+    if engine.reports:
         summary.update(loss=row["loss"], objective=row["objective"], **{k: v for k, v in test.items() if k != "step"})
     trained = t.steps - first + 1
     summary.update(time_s=elapsed, samples_per_s=trained * t.batch_size / elapsed, run_dir=str(run_dir))
-    if engine.holds_last:
+    if engine.reports:
         print(summary_line(summary), flush=True)
     if traced:
         bubbles = " ".join(f"{b:.1%}" for _, b in sorted(traced["bubble"].items()))
@@ -231,7 +236,7 @@ def _fit(conf: Config, spec: MLPSpec, engine: Engine, data: datasets.Dataset, te
 
 def _nothing_to_do(engine: Engine, run_dir: Path, steps: int) -> dict[str, Any]:
     """A run resumed at its last step (restarted after its final checkpoint): done already."""
-    if engine.holds_last:
+    if engine.reports:
         print(f"pipeline: {run_dir} already holds the checkpoint of step {steps}, the last; nothing to train "
               "(raise train.steps to continue)", flush=True)
     plan = engine.plan

@@ -42,10 +42,15 @@ def tag(kind: int, stage_index: int, mb_index: int, num_stages: int) -> int:
 
 
 class P2PTransport:
-    """torch.distributed isend/irecv between ranks of the default process group (gloo or NCCL)."""
+    """torch.distributed isend/irecv between the ranks of one pipeline (gloo or NCCL).
 
-    def __init__(self, rank: int, timeout_s: float):
+    Peers are named by pipeline rank; replica k's pipeline starts at global rank
+    `first_global_rank` = k p, so its messages never meet another replica's.
+    """
+
+    def __init__(self, rank: int, timeout_s: float, first_global_rank: int = 0):
         self.rank = rank
+        self.offset = first_global_rank
         self.timeout = timedelta(seconds=timeout_s)
         self.pending: list[tuple[dist.Work, torch.Tensor, str]] = []
         self.posted: dict[tuple[int, int], tuple[dist.Work, torch.Tensor]] = {}
@@ -53,7 +58,7 @@ class P2PTransport:
     def send(self, tensor: torch.Tensor, dst: int, tag: int, what: str) -> None:
         tensor = tensor.contiguous()  # keep it alive until the send completes
         with self._lost_peer(what):  # a peer already gone can fail the send at once
-            self.pending.append((dist.isend(tensor, dst, tag=tag), tensor, what))
+            self.pending.append((dist.isend(tensor, self.offset + dst, tag=tag), tensor, what))
 
     def can_recv(self, src: int, tag: int) -> bool:
         return True  # recv blocks (bounded) until the message arrives
@@ -63,7 +68,7 @@ class P2PTransport:
         receive action only waits (a receive posted late costs an extra round trip)."""
         buffer = make_buffer()
         with self._lost_peer(f"posting a receive from rank {src}"):
-            self.posted[(src, tag)] = (dist.irecv(buffer, src, tag=tag), buffer)
+            self.posted[(src, tag)] = (dist.irecv(buffer, self.offset + src, tag=tag), buffer)
 
     def recv(self, src: int, tag: int, what: str, make_buffer: Callable[[], torch.Tensor]) -> torch.Tensor:
         """The message's tensor, in the buffer posted for it (or in a new one, posted now)."""

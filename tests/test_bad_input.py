@@ -21,7 +21,8 @@ CASES = {
     "unknown schedule": (["pipeline.schedule=pipedream"], "pipeline.schedule='pipedream' is unknown; pick one of"),
     "virtual stages without": (["pipeline.virtual_stages=2"],
                                "pipeline.virtual_stages=2 but pipeline.schedule=1f1b has no virtual stages"),
-    "world size": (["pipeline.ranks=3"], "pipeline.ranks=3 does not match the world size 2; set --nproc-per-node=3"),
+    "world size": (["pipeline.ranks=3"], "pipeline.ranks=3 x parallel.dp=1 needs 3 processes but the world size "
+                   "is 2; launch 3 processes (e.g. --nproc-per-node=3) or drop pipeline.ranks"),
     "lr": (["optim.lr=-0.1"], "optim.lr=-0.1 must be a finite number > 0"),
     "batch": (["train.batch_size=0"], "train.batch_size=0 must be an integer >= 1"),
     "activation": (["model.activation=swish"], "model.activation='swish' is unknown; pick one of relu"),

@@ -5,11 +5,13 @@ it), v in {1, 2} where the schedule has virtual stages: after 4 SGD steps every 
 #2's single-device trainer to 1e-6 relative, in float64.
 """
 
+import re
 from dataclasses import replace
 
 import pytest
 import torch
 
+from pipeline import config
 from pipeline.distributed import connect, read_env
 from pipeline.engine import Engine
 from pipeline.equivalence import difference, grid, pipelined, problem, reference
@@ -124,10 +126,44 @@ def test_impossible_layouts_are_refused_before_any_work(pipeline, message):
 def test_ranks_must_match_the_world(monkeypatch):
     conf = problem(transport="p2p", ranks=3)
     data = load_data(conf)
-    with pytest.raises(ConfigError, match=r"pipeline.ranks=3 does not match the world size 2"):
+    with pytest.raises(ConfigError, match=r"pipeline.ranks=3 x parallel.dp=1 needs 3 processes but the world "
+                                          r"size is 2; launch 3 processes \(e.g. --nproc-per-node=3\) or drop "
+                                          r"pipeline.ranks"):
         make_plan(conf, model_spec(conf, data), 2, eval_rows=10)
     with pytest.raises(ConfigError, match="pipeline.transport=inprocess runs every rank in one process"):
         make_plan(problem(ranks=2), model_spec(conf, data), 2, eval_rows=10)
+
+
+@pytest.mark.parametrize("dp, pp, world, p", [(1, None, 4, 4), (2, None, 4, 2), (4, None, 4, 1), (2, 2, 4, 2),
+                                              (3, None, 3, 1)])
+def test_the_world_is_p_times_d(dp, pp, world, p):
+    conf = problem(transport="p2p", ranks=None, dp=dp, pp=pp)
+    assert make_plan(conf, model_spec(conf, load_data(conf)), world, eval_rows=10).num_ranks == p
+
+
+@pytest.mark.parametrize("dp, pp, world, message", [
+    (3, None, 4, "the world size 4 is not a multiple of parallel.dp=3; launch a multiple of 3 processes"),
+    (2, 3, 4, "parallel.pp=3 x parallel.dp=2 needs 6 processes but the world size is 4"),
+])
+def test_a_grid_that_does_not_fit_the_world_is_refused(dp, pp, world, message):
+    conf = problem(transport="p2p", ranks=None, dp=dp, pp=pp)
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        make_plan(conf, model_spec(conf, load_data(conf)), world, eval_rows=10)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["parallel.dp=2"], "parallel.dp=2 needs one process per rank: use pipeline.transport=p2p"),
+    (["parallel.dp=4", "train.batch_size=10", "pipeline.transport=p2p", "pipeline.microbatches=3"],
+     "train.batch_size=10 split over parallel.dp=4 replicas leaves 2 rows per replica, fewer than "
+     "pipeline.microbatches=3; raise train.batch_size to at least 12"),
+    (["parallel.pp=2", "pipeline.ranks=3"], "parallel.pp=2 and pipeline.ranks=3 disagree (both are p)"),
+    (["parallel.dp=0"], "parallel.dp=0 must be an integer >= 1"),
+    (["parallel.bucket_mib=0"], "parallel.bucket_mib=0 must be a finite number > 0"),
+])
+def test_bad_parallel_settings_are_refused(overrides, message):
+    base = ["pipeline.transport=inprocess"] if "pipeline.transport=p2p" not in overrides else []
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        config.compose(base + overrides)
 
 
 def test_lowered_schedules_feed_the_runtime_only_what_it_expects():
