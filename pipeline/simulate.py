@@ -203,6 +203,28 @@ def _check_comms(schedule: Schedule, index: Mapping[Action, Position], layout: _
             raise ScheduleError(summary, schedule, (rank, position))
 
 
+def check_in_order(schedule: Schedule, num_ranks: int) -> None:
+    """Raise ScheduleError unless, between any two ranks, messages are received in the order they are sent.
+
+    gloo matches messages by tag, so `validate` does not ask for this; NCCL's point-to-point ignores
+    tags and pairs the k-th send from a rank with the k-th receive from it, so a lowered schedule run
+    over NCCL must have it (every built-in schedule does).
+    """
+    index = _index(schedule)
+    latest: dict[tuple[int, int], tuple[int, Action]] = {}  # (src, dst) -> receive of the latest send
+    for rank, position, action in _positions(schedule):
+        if not action.kind.startswith("SEND"):
+            continue
+        recv = _peer(action)
+        dst, recv_position = stage_to_rank(recv.stage_index, num_ranks), index[recv][1]
+        previous = latest.get((rank, dst))
+        if previous is not None and recv_position < previous[0]:
+            summary = (f"rank {rank}: {action} is sent after the message of {previous[1]}, but rank {dst} runs "
+                       f"{recv} first; NCCL pairs messages in order: reorder the sends or the receives")
+            raise ScheduleError(summary, schedule, (rank, position))
+        latest[(rank, dst)] = (recv_position, recv)
+
+
 def _check_local_order(schedule: Schedule, index: Mapping[Action, Position], layout: _Layout,
                        needs: Mapping[Action, list[Action]]) -> None:
     """Prerequisites on the same rank come earlier in that rank's list; none are missing."""

@@ -31,6 +31,7 @@ from pipeline.metrics import MetricsLog, progress_bar, summary_line
 from pipeline.model import MLPSpec
 from pipeline.plan import make_plan, retime
 from pipeline.resume import resume, resume_candidates
+from pipeline.simulate import check_in_order
 
 
 def load_data(conf: Config) -> datasets.Dataset:
@@ -96,7 +97,10 @@ def train(cfg: DictConfig | Config, run_dir: str | Path) -> dict[str, Any]:
     check_batch(conf, data)
     test_rows = 0 if data.x_test is None else len(data.x_test)
     plan = make_plan(conf, spec, env.world_size, eval_rows=test_rows)
-    plan_devices(env, conf.pipeline.transport, conf.dist)  # a device or backend that cannot work: refuse now
+    _, backend = plan_devices(env, conf.pipeline.transport, conf.dist)  # an impossible device or backend: refuse now
+    if backend == "nccl":  # NCCL pairs messages by order, not tag
+        for schedule in (plan.train_schedule, plan.eval_schedule):
+            check_in_order(schedule, plan.num_ranks)
     check_run_dir(run_dir)
     candidates = resume_candidates(conf, spec, Path(run_dir))
     torch.manual_seed(conf.train.seed)

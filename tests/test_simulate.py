@@ -5,15 +5,18 @@ from __future__ import annotations
 import pytest
 
 from pipeline.schedule import (
+    VIRTUAL,
     Action,
     Schedule,
+    build_schedule,
+    fuse_backward,
     gpipe,
     interleaved_1f1b,
     lower,
     one_f_one_b,
     zb_h1,
 )
-from pipeline.simulate import ScheduleError, SimResult, format_summary, simulate, validate
+from pipeline.simulate import ScheduleError, SimResult, check_in_order, format_summary, simulate, validate
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -200,6 +203,17 @@ def test_validate_accepts_hand_written_valid_schedule() -> None:
     schedule = {0: _acts("0F0 0F1 0B1 0B0 0W0 0W1"), 1: _acts("1F1 1F0 1BW1 1BW0")}
     validate(schedule, 2, 2)
     validate(lower(schedule, 2), 2, 2)
+
+
+def test_nccl_needs_messages_received_in_the_order_they_are_sent() -> None:
+    # valid over gloo (tags match messages), but rank 1 receives micro-batch 1 before 0
+    with pytest.raises(ScheduleError, match=r"rank 0: 0SEND_F1 is sent after the message of 1RECV_F0, but rank 1 "
+                                            r"runs 1RECV_F1 first; NCCL pairs messages in order"):
+        check_in_order(lower({0: _acts("0F0 0F1 0B1 0B0 0W0 0W1"), 1: _acts("1F1 1F0 1BW1 1BW0")}, 2), 2)
+    for name in ("gpipe", "1f1b", "interleaved_1f1b", "zb_h1"):
+        for p, m, v in ((2, 3, 1), (3, 8, 1), (4, 4, 2), (4, 8, 2)):
+            if v == 1 or name in VIRTUAL:
+                check_in_order(fuse_backward(lower(build_schedule(name, p, m, v), p)), p)
 
 
 def test_simulate_raises_on_invalid_schedule() -> None:
