@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -60,3 +61,24 @@ def test_workers_are_killed_on_timeout():
                             cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert result.returncode != 0
     assert "timed out after 1 s" in result.stderr and "killed every worker" in result.stderr
+
+
+def test_the_device_check_runs_every_schedule_and_p_on_the_cpu():
+    result = subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--device", "cpu", "--quick"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=170)
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = result.stdout.splitlines()
+    worst = [line for line in lines if "worst relative difference" in line]
+    assert len(worst) == 1 and float(worst[0].split(":")[1]) <= 1e-6
+    for name in SCHEDULES:
+        equivalence, timing = [line.split() for line in lines if line.strip().startswith(name + " ")]
+        assert len([cell for cell in equivalence if cell.startswith("p=")]) == 3  # p = 1, 2, 4
+        assert len(timing) == 4 and all(float(ms) > 0 for ms in timing[1:])
+
+
+def test_the_device_check_says_so_when_cuda_is_missing():
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}  # no GPU, even on a machine that has one
+    result = subprocess.run([sys.executable, "benchmarks/gpu_check.py"], cwd=ROOT, capture_output=True, text=True,
+                            timeout=60, env=env)
+    assert result.returncode == 2 and result.stderr.strip().splitlines() == [
+        "error: --device cuda but torch sees no CUDA device; run on a GPU machine or pass --device cpu"]
