@@ -55,18 +55,21 @@ def layer_flops(spec: MLPSpec, index: int, rows: int) -> float:
     return 2.0 * rows * spec.dims[index] * spec.dims[index + 1]
 
 
-def stash_bytes(spec: MLPSpec, layers: range, rows: int, after_b: bool = False) -> int:
-    """Bytes one micro-batch keeps stashed on a stage (see layers.Saved).
+def stash_bytes(spec: MLPSpec, layers: range, rows: int, after_b: bool = False, recompute: bool = False) -> int:
+    """Bytes one micro-batch keeps stashed on a stage (see layers.Saved and stage.Stage).
 
     Before B: each layer's input x, plus z where phi' needs it (gelu), plus the stage's output h
-    where phi' is written through h (relu, sigmoid, tanh; inside the stage h is the next input).
-    After B (split B and W): each layer's x and dJ/dz.
+    where phi' is written through h (relu, sigmoid, tanh; inside the stage h is the next input);
+    under recompute only the stage's input x (B rebuilds the rest).
+    After B (split B and W): each layer's x and dJ/dz, with or without recompute.
     """
     element = torch.empty((), dtype=spec.torch_dtype).element_size()
     has_act = [i < spec.num_layers - 1 for i in range(spec.num_layers)]
     from_output = ACTIVATIONS[spec.activation].from_output
     if after_b:
         return rows * element * sum(spec.dims[i] + spec.dims[i + 1] for i in layers)
+    if recompute:
+        return rows * element * spec.dims[layers[0]]
     count = sum(spec.dims[i] + (spec.dims[i + 1] if has_act[i] and not from_output else 0) for i in layers)
     if has_act[layers[-1]] and from_output:
         count += spec.dims[layers[-1] + 1]
@@ -117,28 +120,32 @@ def measured_costs(spec: MLPSpec, stage_layers: list[range], rows: int, seed: in
     return Costs(compute, _message_bytes(spec, stage_layers, rows), latency_s=latency_s, bandwidth=bandwidth)
 
 
-def peak_stash_bytes(schedule: Schedule, spec: MLPSpec, stage_layers: list[range],
-                     mb_sizes: list[int]) -> dict[int, int]:
-    """Per rank, the most stashed bytes held at once, action by action as the runtime counts them:
+def live_stash_bytes(actions: list[Action], spec: MLPSpec, stage_layers: list[range], mb_sizes: list[int],
+                     recompute: bool = False) -> list[int]:
+    """Stashed bytes one rank holds after each of its actions, counted as the runtime counts them:
     F adds a micro-batch's stash, B swaps it for its after-B size (x and dJ/dz), W and BW free it."""
-    before = {s: stash_bytes(spec, layers, 1) for s, layers in enumerate(stage_layers)}
+    before = {s: stash_bytes(spec, layers, 1, recompute=recompute) for s, layers in enumerate(stage_layers)}
     after = {s: stash_bytes(spec, layers, 1, after_b=True) for s, layers in enumerate(stage_layers)}
-    peaks = {}
-    for rank, actions in schedule.items():
-        live = peak = 0
-        for a in actions:
-            rows = mb_sizes[a.mb_index]
-            if a.kind == "F":
-                live += before[a.stage_index] * rows
-            elif a.kind == "B":
-                live += (after[a.stage_index] - before[a.stage_index]) * rows
-            elif a.kind == "W":
-                live -= after[a.stage_index] * rows
-            elif a.kind == "BW":
-                live -= before[a.stage_index] * rows
-            peak = max(peak, live)
-        peaks[rank] = peak
-    return peaks
+    live, held = 0, []
+    for a in actions:
+        s, rows = a.stage_index, mb_sizes[a.mb_index]
+        if a.kind == "F":
+            live += before[s] * rows
+        elif a.kind == "B":
+            live += (after[s] - before[s]) * rows
+        elif a.kind == "W":
+            live -= after[s] * rows
+        elif a.kind == "BW":
+            live -= before[s] * rows
+        held.append(live)
+    return held
+
+
+def peak_stash_bytes(schedule: Schedule, spec: MLPSpec, stage_layers: list[range],
+                     mb_sizes: list[int], recompute: bool = False) -> dict[int, int]:
+    """Per rank, the most stashed bytes held at once between two actions (see live_stash_bytes)."""
+    return {rank: max([0, *live_stash_bytes(actions, spec, stage_layers, mb_sizes, recompute)])
+            for rank, actions in schedule.items()}
 
 
 def layer_times(spec: MLPSpec, rows: int, seed: int = 0, repeats: int = 5) -> list[float]:

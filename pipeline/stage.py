@@ -6,6 +6,11 @@
 
 B is on the critical path (the previous stage waits for dx); W is not, which is what lets
 zero-bubble schedules defer it. Gradients accumulate in each parameter's .grad.
+
+With `recompute` (pipeline.recompute, GPipe's re-materialisation) F runs like prediction and keeps
+only the stage's input x; B (or BW) first runs the forward again from x to rebuild the stash, then
+goes on as above. The same operations on the same x give the same numbers, so training stays exact;
+the price is one more F per micro-batch, the saving every x, z, h between a stage's F and its B.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ class Stage:
         self.stage_index = stage_index
         self.num_stages = num_stages
         self.layers = layers
-        self.recompute = recompute  # pipeline.recompute: not implemented yet
+        self.recompute = recompute  # keep only each micro-batch's input from F to B
         self.zero_grad()
 
     @property
@@ -68,11 +73,22 @@ class Stage:
                 p.grad.zero_()  # in place: no new allocation every step
 
     def forward(self, x: Tensor) -> tuple[Tensor, Stash]:
+        """F: the stage's output and its stash; under recompute the stash is the input x alone."""
+        if self.recompute:
+            return self.predict(x), [Saved(x)]
+        return self._forward_keeping(x)
+
+    def _forward_keeping(self, x: Tensor) -> tuple[Tensor, Stash]:
         stash = []
         for layer in self.layers:
             x, saved = layer.forward(x)
             stash.append(saved)
         return x, stash
+
+    def _rematerialise(self, stash: Stash) -> None:
+        """Under recompute, F again from the kept input x: the stash is refilled in place, as F would have left it."""
+        if self.recompute:
+            stash[:] = self._forward_keeping(stash[0].x)[1]
 
     @staticmethod
     def stash_nbytes(stash: Stash) -> int:
@@ -88,6 +104,7 @@ class Stage:
 
     def backward_input(self, dy: Tensor, stash: Stash) -> Tensor | None:
         """B: dJ/d(input) from dJ/d(output); None on the first stage, whose input is data."""
+        self._rematerialise(stash)
         for i in reversed(range(len(self.layers))):
             need_dx = i > 0 or not self.is_first
             dy = self.layers[i].grad_input(dy, stash[i], need_dx)
@@ -95,6 +112,7 @@ class Stage:
 
     def backward(self, dy: Tensor, stash: Stash) -> Tensor | None:
         """B and W together (BW), layer by layer, so only one layer's dJ/dz is alive at a time."""
+        self._rematerialise(stash)
         for i in reversed(range(len(self.layers))):
             layer, saved = self.layers[i], stash[i]
             dy = layer.grad_input(dy, saved, need_dx=i > 0 or not self.is_first)
