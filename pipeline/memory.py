@@ -41,7 +41,7 @@ from pipeline.costs import live_stash_bytes, peak_stash_bytes, stash_bytes
 from pipeline.errors import ConfigError, UserError, exit_with
 from pipeline.microbatch import sizes
 from pipeline.model import MLPSpec
-from pipeline.plan import Plan, make_plan, retime
+from pipeline.plan import Plan, make_plan, replica_batch, retime
 
 KIB = 1024
 MEASURED = ("param_bytes", "grad_bytes", "optimizer_bytes", "peak_stash_bytes")  # as Engine.stash_figures names them
@@ -106,7 +106,11 @@ def measure(conf: Config, ranks: int, steps: int = 2) -> dict[str, list[int]]:
 # --- predicted: from the model's shape and the schedule -----------------------------------------
 
 def _inprocess(conf: Config, ranks: int) -> Config:
-    return replace(conf, pipeline=replace(conf.pipeline, transport="inprocess", ranks=ranks))
+    """One replica's pipeline in this process: with parallel.dp = d, each replica trains on its share
+    of the batch, and every replica's ranks hold the same bytes."""
+    one_replica = replace(conf.train, batch_size=replica_batch(conf))
+    return replace(conf, pipeline=replace(conf.pipeline, transport="inprocess", ranks=ranks), train=one_replica,
+                   parallel=replace(conf.parallel, dp=1))
 
 
 def optimizer_bytes(conf: Config, param_bytes: int, num_tensors: int) -> int:

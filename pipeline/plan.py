@@ -160,7 +160,8 @@ def evaluate_option(conf: Config, spec: MLPSpec, p: int, name: str, m: int, v: i
     rows = math.ceil(replica_batch(conf) / m)
     schedule = fuse_backward(lower(build_schedule(name, p, m, v), p))
     result = simulate(schedule, p, m, v, cost_of(list(stages), rows))
-    stash = peak_stash_bytes(schedule, spec, list(stages), microbatch.sizes(replica_batch(conf), m))
+    stash = peak_stash_bytes(schedule, spec, list(stages), microbatch.sizes(replica_batch(conf), m),
+                             conf.pipeline.recompute)
     memory = [rank_memory(conf, spec, stages, stages_of_rank(r, p, v), stash[r]) for r in range(p)]
     return Option(name, m, v, result.makespan, max(result.bubble.values()), memory, max(memory) <= budget)
 

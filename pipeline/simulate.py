@@ -450,18 +450,20 @@ def predict(conf, ranks: int, measure: bool, latency_s: float = 5e-5, bandwidth:
     from pipeline.engine import make_optimizer
     from pipeline.microbatch import sizes
     from pipeline.model import build_layers
-    from pipeline.plan import make_plan
+    from pipeline.plan import make_plan, replica_batch
     from pipeline.stage import Stage
     from pipeline.trainer import load_data, model_spec
 
     conf = replace(conf, pipeline=replace(conf.pipeline, transport="inprocess", ranks=ranks))
     spec = model_spec(conf, load_data(conf))
     plan = make_plan(conf, spec, 1, eval_rows=0)
-    rows, stages = -(-conf.train.batch_size // plan.num_microbatches), list(plan.stage_layers)
+    batch = replica_batch(conf)  # one replica's rows
+    rows, stages = -(-batch // plan.num_microbatches), list(plan.stage_layers)
     costs = measured_costs(spec, stages, rows, conf.train.seed) if measure else flop_costs(spec, stages, rows)
     costs = replace(costs, latency_s=latency_s, bandwidth=bandwidth)
     result = simulate(plan.train_schedule, plan.num_ranks, plan.num_microbatches, plan.virtual_stages, costs)
-    stash = peak_stash_bytes(plan.train_schedule, spec, stages, sizes(conf.train.batch_size, plan.num_microbatches))
+    stash = peak_stash_bytes(plan.train_schedule, spec, stages, sizes(batch, plan.num_microbatches),
+                             conf.pipeline.recompute)
     update = 0.0
     for r in range(plan.num_ranks) if measure else ():  # the slowest rank's optimizer step ends the step
         own = [Stage(s, plan.num_stages, build_layers(spec, 0, stages[s])) for s in plan.stages_of(r)]
