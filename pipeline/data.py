@@ -31,7 +31,7 @@ class Dataset:
 
     @property
     def num_classes(self) -> int:
-        labels = [self.y_train] + ([self.y_test] if self.y_test is not None else [])
+        labels = [y for y in (self.y_train, self.y_test) if y is not None and len(y)]  # a test set may be empty
         return int(max(int(y.max()) for y in labels)) + 1
 
 
@@ -118,7 +118,7 @@ def check_model_fits(data: Dataset, in_dim: int, out_dim: int) -> None:
         raise DataError(f"{data.source}: X has {data.in_dim} columns but model.in_dim={in_dim}; "
                         "set model.in_dim=null to infer it")
     for y in (data.y_train, data.y_test):
-        if y is not None and int(y.max()) >= out_dim:
+        if y is not None and len(y) and int(y.max()) >= out_dim:
             raise DataError(f"{data.source}: label {int(y.max())} is outside [0, {out_dim}) for "
                             f"model.out_dim={out_dim}; set model.out_dim=null to infer it")
 

@@ -96,3 +96,9 @@ def test_bad_data_on_the_command_line_is_one_line_and_exit_2(tmp_path, kind):
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [f"error: {path}: " + result.stderr.split(f"{path}: ", 1)[1].strip()]
     assert message in result.stderr and "Traceback" not in result.stderr + result.stdout
+
+
+def test_an_empty_test_split_leaves_the_classes_to_the_training_labels():
+    data_ = data.synthetic(n=40, dim=3, classes=4, noise=0.1, seed=0, test_fraction=0.0)
+    assert len(data_.x_test) == 0 and data_.num_classes == int(data_.y_train.max()) + 1
+    data.check_model_fits(data_, 3, data_.num_classes)  # no error for the empty test labels
