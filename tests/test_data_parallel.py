@@ -1,11 +1,15 @@
 """Pipeline x data parallel: d replicas of a p-rank pipeline train exactly like one device on the global batch."""
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-from pipeline import checkpoint, config
+from pipeline import checkpoint
 from pipeline.data_parallel import flatten_grads
 from pipeline.distributed import Grid, connect, read_env
 from pipeline.engine import Engine
@@ -14,15 +18,16 @@ from pipeline.model import build_layers
 from pipeline.plan import make_plan
 from pipeline.stage import Stage
 from pipeline.trainer import load_data, model_spec
-from tests.launch import start, wait
+from tests.conftest import ROOT
+from tests.launch import free_port, start, wait
 
 pytestmark = pytest.mark.timeout(300)
 TOL = 1e-6
 
 
 def test_the_grid_puts_each_pipeline_on_consecutive_ranks():
-    layout = [[(Grid(2, 2, g).replica, Grid(2, 2, g).pipeline_rank) for g in range(4)]]
-    assert layout == [[(0, 0), (0, 1), (1, 0), (1, 1)]]
+    layout = [(Grid(2, 2, g).replica, Grid(2, 2, g).pipeline_rank) for g in range(4)]
+    assert layout == [(0, 0), (0, 1), (1, 0), (1, 1)]
     assert Grid(2, 3, 0).pipeline_ranks(2) == [4, 5] and Grid(2, 3, 0).replica_ranks(1) == [1, 3, 5]
 
 
@@ -111,14 +116,6 @@ def problem_overrides(**pipeline):
 
 @pytest.mark.parametrize("nproc_per_node, dp", [(1, 1), (2, 2)])  # p = 2 x d = 1, p = 2 x d = 2
 def test_two_torchrun_nodes_on_loopback_train_like_one_device(nproc_per_node, dp, tmp_path):
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    from tests.conftest import ROOT
-    from tests.launch import free_port
-
     run = tmp_path / "run"
     env = {**os.environ, "NNODES": "2", "NPROC_PER_NODE": str(nproc_per_node),
            "RDZV_ENDPOINT": f"127.0.0.1:{free_port()}", "RDZV_ID": f"loopback{dp}", "GLOO_SOCKET_IFNAME": "lo",
