@@ -5,7 +5,8 @@
 Two predictions per schedule, both simulated from per-stage F, B, W costs:
   one-process profile  each stage timed alone in this process, one thread (python -m pipeline.simulate --measure)
   traced-run profile   the costs seen in a short traced torchrun run (trace.enabled=true), where both
-                       ranks share the machine as they do in training (pipeline.costs.from_trace)
+                       ranks share the machine as they do in training, message latency included
+                       (pipeline.costs.from_trace)
 and the measurement: the median step_time_s of a separate, untraced torchrun run after a warm-up.
 """
 
@@ -54,8 +55,8 @@ def median_step(rows: list[dict], warmup: int) -> float:
     return statistics.median(r["step_time_s"] for r in rows if "loss" in r and r["step"] > warmup)
 
 
-def traced_prediction(args: list[str], steps: int, warmup: int) -> float:
-    """Step time simulated from the costs a short traced run measured."""
+def traced_prediction(args: list[str], steps: int, warmup: int) -> tuple[float, float]:
+    """(step time simulated from the costs a short traced run measured, the message latency it measured)."""
     with tempfile.TemporaryDirectory() as run_dir:
         torchrun(args, steps, run_dir, traced=True)
         events = trace.load_ranks(run_dir)
@@ -64,7 +65,7 @@ def traced_prediction(args: list[str], steps: int, warmup: int) -> float:
     rows = -(-compose(args).train.batch_size // plan.num_microbatches)
     costs, update = from_trace(events, spec, list(plan.stage_layers), rows, skip_steps=warmup)
     result = simulate(plan.train_schedule, 2, plan.num_microbatches, plan.virtual_stages, costs)
-    return result.makespan + update
+    return result.makespan + update, costs.latency_s
 
 
 def main() -> int:
@@ -78,16 +79,16 @@ def main() -> int:
     torch.set_num_threads(1)
     print(f"model {args.model}, p=2, m={args.microbatches}, {args.steps} steps (medians after {args.warmup})\n")
     print("| schedule | one-process profile (ms) | traced-run profile (ms) | measured (ms) | error one-process | "
-          "error traced |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+          "error traced | traced message latency (ms) |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for name in args.schedules.split(","):
         extra = overrides(args.model, name, args.microbatches)
         alone = predict(compose(extra), ranks=2, measure=True).step_s
-        traced = traced_prediction(extra, args.steps, args.warmup)
+        traced, latency = traced_prediction(extra, args.steps, args.warmup)
         with tempfile.TemporaryDirectory() as run_dir:
             real = median_step(torchrun(extra, args.steps, run_dir, traced=False), args.warmup)
         print(f"| {name} | {alone * 1e3:.1f} | {traced * 1e3:.1f} | {real * 1e3:.1f} | "
-              f"{(alone - real) / real:+.1%} | {(traced - real) / real:+.1%} |", flush=True)
+              f"{(alone - real) / real:+.1%} | {(traced - real) / real:+.1%} | {latency * 1e3:.2f} |", flush=True)
     return 0
 
 

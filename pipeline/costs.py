@@ -185,7 +185,8 @@ def from_trace(events_by_rank, spec: MLPSpec, stage_layers: list[range], rows: i
 
     A BW span is split evenly between B and W; a SEND costs the median time to post one. The update
     time is the median gap between a rank's last action of one step and its first of the next
-    (optimizer step, zero_grad, the batch). Transfers get a 50 us latency and 2 GB/s.
+    (optimizer step, zero_grad, the batch). A transfer's latency is measured too (`message_latency`);
+    bandwidth is taken as 2 GB/s, as the latency of these small messages already includes it.
     """
     spans: dict[tuple[int, str], list[float]] = {}
     gaps: list[float] = []
@@ -207,8 +208,32 @@ def from_trace(events_by_rank, spec: MLPSpec, stage_layers: list[range], rows: i
                 gaps.append((nxt.start_ns - prev.end_ns) / 1e9)
     compute = {key: statistics.median(values) for key, values in spans.items() if key[1] in KINDS}
     send_s = statistics.median(sends) if sends else 0.0
-    costs = Costs(compute, _message_bytes(spec, stage_layers, rows), latency_s=5e-5, bandwidth=2e9, send_s=send_s)
+    latency = message_latency(events_by_rank, skip_steps)
+    costs = Costs(compute, _message_bytes(spec, stage_layers, rows), latency_s=5e-5 if latency is None else latency,
+                  bandwidth=2e9, send_s=send_s)
     return costs, statistics.median(gaps) if gaps else 0.0
+
+
+def message_latency(events_by_rank, skip_steps: int = 1) -> float | None:
+    """Median seconds from a SEND starting on one rank to its RECV ending on the other, over the
+    messages whose receiver was already waiting (otherwise the receive ends when it is reached,
+    not when the data arrives); None when there is no such message. The ranks of one machine
+    share the clock (time.perf_counter_ns)."""
+    sent: dict[tuple, int] = {}
+    waiting: dict[tuple, tuple[int, int]] = {}
+    for events in events_by_rank.values():
+        for e in events:
+            if e.step <= skip_steps or e.name == "WAIT_SENDS":
+                continue
+            a = Action.parse(e.name)
+            if a.kind in ("SEND_F", "SEND_B"):
+                sent[(e.step, a.kind[-1], a.stage_index, a.mb_index)] = e.start_ns
+            elif a.kind in ("RECV_F", "RECV_B"):
+                sender = a.stage_index + (-1 if a.kind == "RECV_F" else 1)
+                waiting[(e.step, a.kind[-1], sender, a.mb_index)] = (e.start_ns, e.end_ns)
+    latencies = [(end - sent[key]) / 1e9 for key, (start, end) in waiting.items()
+                 if key in sent and start <= sent[key] < end]
+    return statistics.median(latencies) if latencies else None
 
 
 def add_arguments(parser) -> None:

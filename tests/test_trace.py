@@ -267,3 +267,19 @@ def test_a_traced_run_writes_the_merged_trace_timeline_and_bubbles(tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     bubbles = [r["bubble"] for r in rows if "bubble" in r]
     assert len(bubbles) == 2 and all(len(b) == 2 and all(0 <= x < 1 for x in b) for b in bubbles)
+
+
+def test_message_latency_counts_only_receives_that_were_already_waiting():
+    from pipeline.costs import message_latency
+    from pipeline.runtime import TraceEvent
+
+    events = {
+        0: [TraceEvent(2, "0SEND_F0", 1_000, 1_010), TraceEvent(2, "0SEND_F1", 5_000, 5_010),
+            TraceEvent(2, "0RECV_B0", 2_000, 9_000), TraceEvent(1, "0SEND_F0", 0, 10)],
+        1: [TraceEvent(2, "1RECV_F0", 500, 1_300),  # waiting since before the send: 300 ns
+            TraceEvent(2, "1RECV_F1", 6_000, 6_001),  # reached after the data arrived: not a latency
+            TraceEvent(2, "1SEND_B0", 8_500, 8_510),  # rank 0 waits from 2000: 500 ns
+            TraceEvent(1, "1RECV_F0", 0, 99_999)],  # step 1 is warm-up
+    }
+    assert message_latency(events, skip_steps=1) == pytest.approx(400e-9)  # median of 300 and 500 ns
+    assert message_latency({0: events[0][:2], 1: []}) is None
