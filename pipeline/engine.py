@@ -164,7 +164,7 @@ class Engine:
         return [1 - slots[r] / span for r in range(p)]
 
     def save_trace(self, run_dir: str | Path, step: int | None) -> dict | None:
-        """Every process writes its ranks' events; rank 0 merges trace.json and draws timeline.png."""
+        """Replica 0's processes write their ranks' events; global rank 0 merges trace.json and draws timeline.png."""
         if self.comm.writes_results:  # replica 0's pipeline; the others ran the same schedule
             for rank, runtime in self.runtimes.items():
                 trace.write_rank(run_dir, rank, runtime.events)
