@@ -114,6 +114,19 @@ def test_an_in_process_checkpoint_resumes_over_gloo(tmp_path, uninterrupted):
     assert relative_difference(final(tmp_path), params) <= 1e-6
 
 
+def test_replicas_resume_any_checkpoint_and_theirs_resume_anywhere(tmp_path, uninterrupted):
+    params, _ = uninterrupted(*SGD, *layout(1, 1), "train.steps=8")
+    run(tmp_path, *SGD, *layout(2, 1), "train.steps=3")  # one process, p = 2
+    overrides = [*SMALL, *SGD, "parallel.dp=2", "train.steps=6", f"hydra.run.dir={tmp_path}"]
+    results = wait(start(4, lambda rank: ["-m", "pipeline.train", *overrides]), timeout=110)  # p = 2 x d = 2
+    assert all(code == 0 for code, _ in results), "\n".join(out for _, out in results)
+    summaries = [line for _, out in results for line in out.splitlines() if line.startswith("pipeline: done")]
+    assert len(summaries) == 1 and "replicas=2 resumed_from=3" in summaries[0]
+    assert checkpoint.read_meta(tmp_path, 6)["replicas"] == 2
+    run(tmp_path, *SGD, *layout(3, 1), "train.steps=8")  # replica 0's shards, read by another layout
+    assert relative_difference(final(tmp_path), params) <= 1e-6
+
+
 def test_resuming_from_an_earlier_step_replaces_the_later_history(tmp_path, uninterrupted):
     params, losses = uninterrupted(*SGD, *layout(1, 1), "train.steps=8")
     run(tmp_path, *SGD, *layout(1, 1), "train.steps=8", "checkpoint.every=2", "checkpoint.keep=0")
