@@ -38,10 +38,8 @@ class Costs:
 
     def duration(self, action: Action) -> float:
         s, kind = action.stage_index, action.kind
-        if kind == "BW" or (kind == "W" and s == 0):  # the first stage's W does its B's work too (Runtime._B)
+        if kind == "BW":
             return self.compute[(s, "B")] + self.compute[(s, "W")]
-        if kind == "B" and s == 0:
-            return 0.0
         if kind in KINDS:
             return self.compute[(s, kind)]
         return self.send_s if kind.startswith("SEND") else 0.0
@@ -125,10 +123,9 @@ def measured_costs(spec: MLPSpec, stage_layers: list[range], rows: int, seed: in
 def live_stash_bytes(actions: list[Action], spec: MLPSpec, stage_layers: list[range], mb_sizes: list[int],
                      recompute: bool = False) -> list[int]:
     """Stashed bytes one rank holds after each of its actions, counted as the runtime counts them:
-    F adds a micro-batch's stash, B swaps it for its after-B size (x and dJ/dz), W and BW free it.
-    The first stage's B leaves its stash as it is (its whole backward runs at W: see Runtime._B)."""
+    F adds a micro-batch's stash, B swaps it for its after-B size (x and dJ/dz), W and BW free it."""
     before = {s: stash_bytes(spec, layers, 1, recompute=recompute) for s, layers in enumerate(stage_layers)}
-    after = {s: stash_bytes(spec, layers, 1, after_b=True) if s else before[s] for s, layers in enumerate(stage_layers)}
+    after = {s: stash_bytes(spec, layers, 1, after_b=True) for s, layers in enumerate(stage_layers)}
     live, held = 0, []
     for a in actions:
         s, rows = a.stage_index, mb_sizes[a.mb_index]

@@ -189,23 +189,15 @@ class Runtime:
 
     def _B(self, s: int, mb: int) -> None:
         st = self.state
-        st.awaiting_b.discard((s, mb))
-        if s == 0:
-            # Nothing upstream waits for the first stage's dJ/dx, so its whole backward waits for W:
-            # one pass there, and until then the stash keeps x and h instead of x and dJ/dz (less).
-            return
         dx = self.stages[s].backward_input(st.grads.pop((s, mb)), st.stash[(s, mb)])
+        st.awaiting_b.discard((s, mb))
         st.stash_bytes[(s, mb)] = Stage.stash_nbytes(st.stash[(s, mb)])  # z, h gone; dJ/dz kept for W
         self._note_peaks()
         self._hand_back(s, mb, dx)
 
     def _W(self, s: int, mb: int) -> None:
-        st = self.state
-        if s == 0:
-            self.stages[s].backward(st.grads.pop((s, mb)), st.stash.pop((s, mb)))  # B's work too (see _B)
-        else:
-            self.stages[s].backward_weight(st.stash.pop((s, mb)))
-        del st.stash_bytes[(s, mb)]
+        self.stages[s].backward_weight(self.state.stash.pop((s, mb)))
+        del self.state.stash_bytes[(s, mb)]
         self._weight_done(s)
 
     def _BW(self, s: int, mb: int) -> None:
