@@ -76,6 +76,15 @@ def stash_bytes(spec: MLPSpec, layers: range, rows: int, after_b: bool = False, 
     return rows * element * count
 
 
+def optimizer_bytes(conf, param_bytes: int, num_tensors: int) -> int:
+    """Optimizer state for `param_bytes` of parameters in `num_tensors` tensors. SGD: a momentum
+    buffer per parameter when momentum > 0; Adam: exp_avg and exp_avg_sq per parameter and a 0-d
+    step tensor per parameter tensor."""
+    if conf.optim.name == "adam":
+        return 2 * param_bytes + num_tensors * torch.tensor(0.0).element_size()
+    return param_bytes if conf.optim.momentum else 0
+
+
 def _message_bytes(spec: MLPSpec, stage_layers: list[range], rows: int) -> dict[int, int]:
     element = torch.empty((), dtype=spec.torch_dtype).element_size()
     return {s: rows * spec.dims[layers[-1] + 1] * element for s, layers in enumerate(stage_layers)}

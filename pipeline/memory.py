@@ -37,7 +37,7 @@ import torch
 from torch import Tensor
 
 from pipeline.config import Config, compose
-from pipeline.costs import live_stash_bytes, peak_stash_bytes, stash_bytes
+from pipeline.costs import live_stash_bytes, optimizer_bytes, peak_stash_bytes, stash_bytes
 from pipeline.errors import ConfigError, UserError, exit_with
 from pipeline.microbatch import sizes
 from pipeline.model import MLPSpec
@@ -111,14 +111,6 @@ def _inprocess(conf: Config, ranks: int) -> Config:
     one_replica = replace(conf.train, batch_size=replica_batch(conf))
     return replace(conf, pipeline=replace(conf.pipeline, transport="inprocess", ranks=ranks), train=one_replica,
                    parallel=replace(conf.parallel, dp=1))
-
-
-def optimizer_bytes(conf: Config, param_bytes: int, num_tensors: int) -> int:
-    """SGD: a momentum buffer per parameter when momentum > 0; Adam: exp_avg and exp_avg_sq per
-    parameter and a 0-d step tensor per parameter tensor."""
-    if conf.optim.name == "adam":
-        return 2 * param_bytes + num_tensors * torch.tensor(0.0).element_size()
-    return param_bytes if conf.optim.momentum else 0
 
 
 def in_flight_bytes(spec: MLPSpec, layers: Iterable[int], rows: int) -> int:

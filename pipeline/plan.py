@@ -20,7 +20,8 @@ from typing import Callable
 
 from pipeline import microbatch, partition
 from pipeline.config import AUTO, Config, compose
-from pipeline.costs import Costs, add_arguments, flop_costs, layer_times, measured_costs, peak_stash_bytes
+from pipeline.costs import (Costs, add_arguments, flop_costs, layer_times, measured_costs, optimizer_bytes,
+                            peak_stash_bytes)
 from pipeline.errors import ConfigError, UserError, exit_with
 from pipeline.model import MLPSpec
 from pipeline.schedule import (SCHEDULES, VIRTUAL, Action, Schedule, build_schedule, fuse_backward, lower,
@@ -139,18 +140,12 @@ class Option:
     fits: bool
 
 
-def optimizer_copies(conf: Config) -> int:
-    """Tensors per parameter besides the parameter: its gradient and the optimizer's state."""
-    if conf.optim.name == "adam":
-        return 3
-    return 2 if conf.optim.momentum else 1
-
-
 def rank_memory(conf: Config, spec: MLPSpec, stages: tuple[range, ...], stages_of: list[int], stash: int) -> int:
     """Parameters, gradients and optimizer state of the rank's stages, plus its peak stash."""
     element = 8 if spec.dtype == "float64" else 4
-    params = sum(spec.layer_params(i) for s in stages_of for i in stages[s])
-    return params * element * (1 + optimizer_copies(conf)) + stash
+    layers = [i for s in stages_of for i in stages[s]]
+    params = element * sum(spec.layer_params(i) for i in layers)
+    return 2 * params + optimizer_bytes(conf, params, len(layers) * (2 if spec.bias else 1)) + stash
 
 
 def evaluate_option(conf: Config, spec: MLPSpec, p: int, name: str, m: int, v: int,
