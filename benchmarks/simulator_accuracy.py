@@ -8,6 +8,8 @@ Two predictions per schedule, both simulated from per-stage F, B, W costs:
                        ranks share the machine as they do in training, message latency included
                        (pipeline.costs.from_trace)
 and the measurement: the median step_time_s of a separate, untraced torchrun run after a warm-up.
+A second table puts each rank's bubble side by side: the unit-cost theory (F = B = W = 1), the
+simulation with the traced costs, and the bubble the traced run measured (median over its steps).
 """
 
 from __future__ import annotations
@@ -55,17 +57,30 @@ def median_step(rows: list[dict], warmup: int) -> float:
     return statistics.median(r["step_time_s"] for r in rows if "loss" in r and r["step"] > warmup)
 
 
-def traced_prediction(args: list[str], steps: int, warmup: int) -> tuple[float, float]:
-    """(step time simulated from the costs a short traced run measured, the message latency it measured)."""
+def measured_bubbles(rows: list[dict], warmup: int) -> list[float]:
+    """Per rank, the median over the steps after `warmup` of the bubble the traced run logged."""
+    bubbles = [r["bubble"] for r in rows if isinstance(r.get("bubble"), list) and r["step"] > warmup]
+    return [statistics.median(b[rank] for b in bubbles) for rank in range(len(bubbles[0]))]
+
+
+def traced_prediction(args: list[str], steps: int, warmup: int) -> tuple[float, float, dict, list[float]]:
+    """From a short traced run: (the step time simulated from the costs it measured, the message
+    latency it measured, the simulated bubble per rank, the bubble it measured per rank)."""
     with tempfile.TemporaryDirectory() as run_dir:
-        torchrun(args, steps, run_dir, traced=True)
+        logged = torchrun(args, steps, run_dir, traced=True)
         events = trace.load_ranks(run_dir)
     pred = predict(compose(args), ranks=2, measure=False)  # for the plan and shapes; costs replaced below
     plan, spec = pred.plan, pred.spec
     rows = -(-compose(args).train.batch_size // plan.num_microbatches)
     costs, update = from_trace(events, spec, list(plan.stage_layers), rows, skip_steps=warmup)
     result = simulate(plan.train_schedule, 2, plan.num_microbatches, plan.virtual_stages, costs)
-    return result.makespan + update, costs.latency_s
+    return result.makespan + update, costs.latency_s, result.bubble, measured_bubbles(logged, warmup)
+
+
+def unit_bubble(args: list[str]) -> dict:
+    """Each rank's bubble under unit costs (F = B = W = 1, free messages): the schedule's theory."""
+    plan = predict(compose(args), ranks=2, measure=False).plan
+    return simulate(plan.train_schedule, 2, plan.num_microbatches, plan.virtual_stages).bubble
 
 
 def main() -> int:
@@ -81,14 +96,23 @@ def main() -> int:
     print("| schedule | one-process profile (ms) | traced-run profile (ms) | measured (ms) | error one-process | "
           "error traced | traced message latency (ms) |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    bubbles = []
     for name in args.schedules.split(","):
         extra = overrides(args.model, name, args.microbatches)
         alone = predict(compose(extra), ranks=2, measure=True).step_s
-        traced, latency = traced_prediction(extra, args.steps, args.warmup)
+        traced, latency, simulated, measured = traced_prediction(extra, args.steps, args.warmup)
+        bubbles.append((name, unit_bubble(extra), simulated, measured))
         with tempfile.TemporaryDirectory() as run_dir:
             real = median_step(torchrun(extra, args.steps, run_dir, traced=False), args.warmup)
         print(f"| {name} | {alone * 1e3:.1f} | {traced * 1e3:.1f} | {real * 1e3:.1f} | "
               f"{(alone - real) / real:+.1%} | {(traced - real) / real:+.1%} | {latency * 1e3:.2f} |", flush=True)
+    print("\nBubble per rank (r0 / r1): idle fraction of the step\n")
+    print("| schedule | theory, unit costs | simulated, traced costs | measured, traced run |")
+    print("| --- | ---: | ---: | ---: |")
+    for name, unit, simulated, measured in bubbles:
+        cells = [" / ".join(f"{b:.1%}" for b in values) for values in
+                 ([unit[0], unit[1]], [simulated[0], simulated[1]], measured)]
+        print(f"| {name} | {' | '.join(cells)} |")
     return 0
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -82,3 +83,39 @@ def test_the_device_check_says_so_when_cuda_is_missing():
                             timeout=60, env=env)
     assert result.returncode == 2 and result.stderr.strip().splitlines() == [
         "error: --device cuda but torch sees no CUDA device; run on a GPU machine or pass --device cpu"]
+
+
+def load(name: str):
+    """A script of benchmarks/ as a module (they are scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def rank_work(vs_builtin, model: str) -> list[int]:
+    m = vs_builtin.MODELS[model]
+    work = vs_builtin.stage_work([m["in_dim"], *m["hidden"], m["classes"]], 2)
+    return [sum(f + b + w for f, b, w in work[r::2]) for r in range(2)]  # stage s on rank s mod 2
+
+
+def test_the_balanced_model_gives_both_ranks_the_same_work_and_the_default_does_not():
+    vs_builtin = load("vs_builtin")
+    r0, r1 = rank_work(vs_builtin, "balanced")
+    assert abs(r1 - r0) / r1 < 0.005  # 12 : 12.03 layers of 1024 x 1024
+    r0, r1 = rank_work(vs_builtin, "default")
+    assert r1 / r0 > 1.25  # 9.5 : 12.03, the cut README.md charges E's shortfall to
+
+
+def test_stage_work_counts_every_product_and_skips_the_datas_gradient():
+    work = load("vs_builtin").stage_work([3, 5, 7, 2], 2)  # uniform: [1 | 2] layers
+    assert work == [(15, 0, 15), (35 + 14, 35 + 14, 35 + 14)]
+
+
+def test_measured_bubbles_are_per_rank_medians_after_the_warmup():
+    rows = [{"step": 1, "loss": 1.0, "bubble": [0.9, 0.9]},  # warm-up: left out
+            {"step": 2, "loss": 1.0, "bubble": [0.1, 0.4]},
+            {"step": 2, "test_loss": 1.0},  # an evaluation row carries no bubble
+            {"step": 3, "loss": 1.0, "bubble": [0.3, 0.2]},
+            {"step": 4, "loss": 1.0, "bubble": [0.2, 0.3]}]
+    assert load("simulator_accuracy").measured_bubbles(rows, warmup=1) == [0.2, 0.3]
