@@ -119,3 +119,23 @@ def test_measured_bubbles_are_per_rank_medians_after_the_warmup():
             {"step": 3, "loss": 1.0, "bubble": [0.3, 0.2]},
             {"step": 4, "loss": 1.0, "bubble": [0.2, 0.3]}]
     assert load("simulator_accuracy").measured_bubbles(rows, warmup=1) == [0.2, 0.3]
+
+
+def test_latency_compares_gloo_with_a_bare_socket():
+    result = subprocess.run([sys.executable, "benchmarks/latency.py", "--sizes-kib", "2,128", "--iters", "20",
+                             "--repeats", "1"], cwd=ROOT, capture_output=True, text=True, timeout=170)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    rows = [line.strip("|").split("|") for line in result.stdout.splitlines() if line.startswith("| ") and
+            line.split("|")[1].strip()[:1].isdigit()]
+    assert [float(r[0]) for r in rows] == [2.0, 128.0], result.stdout
+    for _, gloo, tcp, ratio in rows:
+        assert float(gloo) > 0 and float(tcp) > 0
+        assert math.isclose(float(ratio), float(gloo) / float(tcp), rel_tol=0.02, abs_tol=0.01)
+
+
+@pytest.mark.parametrize("argv", [["--sizes-kib", "2,x"], ["--sizes-kib", "0"], ["--iters", "0"]])
+def test_latency_bad_input_is_one_line_and_exit_code_2(argv):
+    result = subprocess.run([sys.executable, "benchmarks/latency.py", *argv], cwd=ROOT, capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith("python benchmarks/latency.py: error: ")

@@ -1,0 +1,145 @@
+"""How long one message takes between two processes: gloo isend/irecv against a bare TCP socket.
+
+    python benchmarks/latency.py [--sizes-kib 2,16,128,1024] [--iters 1000]
+
+Two processes on this machine play ping-pong, one thread each, as the pipeline's ranks do: the
+one-way time is a round trip over two. First over torch.distributed (gloo on loopback, the
+transport both this project and torch.distributed.pipelining use), then over a plain TCP socket
+with TCP_NODELAY (the floor any socket transport pays on this machine). Message sizes default to
+those of the benchmarks: 2 KiB (small model, m = 8) and 128 KiB (default model, m = 8).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import statistics
+import sys
+import time
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python benchmarks/latency.py", description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes-kib", default="2,16,128,1024", help="comma-separated message sizes in KiB")
+    parser.add_argument("--iters", type=int, default=1000, help="round trips per size and transport")
+    parser.add_argument("--repeats", type=int, default=3, help="timed blocks per size; the median is reported")
+    args = parser.parse_args(argv)
+    try:
+        args.sizes = [float(s) for s in args.sizes_kib.split(",")]
+    except ValueError:
+        parser.error(f"--sizes-kib {args.sizes_kib!r} is not a list of numbers; e.g. --sizes-kib 2,128")
+    if any(s <= 0 for s in args.sizes) or args.iters < 1 or args.repeats < 1:
+        parser.error("--sizes-kib must be positive, --iters and --repeats at least 1")
+    return args
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def gloo_pingpong(rank: int, port: int, sizes: list[float], iters: int, repeats: int, out) -> None:
+    """Rank 0 sends and waits for the echo; rank 1 echoes. Puts {KiB: one-way seconds} from rank 0."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+                            timeout=timedelta(seconds=60))
+    result = {}
+    for kib in sizes:
+        buf = torch.zeros(max(1, round(kib * 1024 / 4)))
+        blocks = []
+        for _ in range(repeats + 1):  # the first block warms up
+            dist.barrier()
+            start = time.perf_counter()
+            for i in range(iters):
+                if rank == 0:
+                    dist.isend(buf, 1, tag=i).wait()
+                    dist.irecv(buf, 1, tag=i).wait()
+                else:
+                    dist.irecv(buf, 0, tag=i).wait()
+                    dist.isend(buf, 0, tag=i).wait()
+            blocks.append((time.perf_counter() - start) / iters / 2)
+        result[kib] = statistics.median(blocks[1:])
+    dist.barrier()
+    dist.destroy_process_group()
+    if rank == 0:
+        out.put(result)
+
+
+def _exchange(sock: socket.socket, data: bytes, echo: bool) -> None:
+    view = bytearray(len(data))
+    if not echo:
+        sock.sendall(data)
+    got = 0
+    while got < len(data):
+        got += sock.recv_into(memoryview(view)[got:])
+    if echo:
+        sock.sendall(view)
+
+
+def tcp_echo(port: int, sizes: list[float], iters: int, repeats: int) -> None:
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        for kib in sizes:
+            data = bytes(round(kib * 1024))
+            for _ in range((repeats + 1) * iters):
+                _exchange(sock, data, echo=True)
+
+
+def tcp_pingpong(sizes: list[float], iters: int, repeats: int) -> dict[float, float]:
+    """{KiB: one-way seconds} over a plain TCP socket on loopback, echoed by a second process."""
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(1)
+        echo = mp.get_context("spawn").Process(target=tcp_echo, args=(server.getsockname()[1], sizes, iters, repeats))
+        echo.start()
+        conn, _ = server.accept()
+    result = {}
+    with conn:
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        for kib in sizes:
+            data = bytes(round(kib * 1024))
+            blocks = []
+            for _ in range(repeats + 1):
+                start = time.perf_counter()
+                for _ in range(iters):
+                    _exchange(conn, data, echo=False)
+                blocks.append((time.perf_counter() - start) / iters / 2)
+            result[kib] = statistics.median(blocks[1:])
+    echo.join(timeout=60)
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    ctx = mp.get_context("spawn")
+    out = ctx.SimpleQueue()
+    port = free_port()
+    procs = [ctx.Process(target=gloo_pingpong, args=(r, port, args.sizes, args.iters, args.repeats, out))
+             for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=600)
+    if any(p.exitcode != 0 for p in procs):
+        print(f"error: a gloo ping-pong process failed (exit codes {[p.exitcode for p in procs]})", file=sys.stderr)
+        return 1
+    gloo = out.get()
+    tcp = tcp_pingpong(args.sizes, args.iters, args.repeats)
+    print(f"one-way message time, two processes on this machine ({os.cpu_count()} CPU(s)), "
+          f"median of {args.repeats} blocks of {args.iters} round trips\n")
+    print("| message KiB | gloo isend/irecv µs | TCP socket µs | gloo / TCP |")
+    print("| ---: | ---: | ---: | ---: |")
+    for kib in args.sizes:
+        print(f"| {kib:g} | {gloo[kib] * 1e6:.1f} | {tcp[kib] * 1e6:.1f} | {gloo[kib] / tcp[kib]:.2f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
