@@ -23,10 +23,14 @@ import statistics
 import sys
 import time
 from datetime import timedelta
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from vs_builtin import free_port  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -42,12 +46,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if any(s <= 0 for s in args.sizes) or args.iters < 1 or args.repeats < 1:
         parser.error("--sizes-kib must be positive, --iters and --repeats at least 1")
     return args
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def gloo_pingpong(rank: int, port: int, sizes: list[float], iters: int, repeats: int, out) -> None:
