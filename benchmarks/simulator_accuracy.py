@@ -30,7 +30,7 @@ import torch
 from pipeline import trace
 from pipeline.config import compose
 from pipeline.costs import from_trace
-from pipeline.simulate import predict, simulate
+from pipeline.simulate import Prediction, predict, simulate
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = {
@@ -80,22 +80,21 @@ class Traced(NamedTuple):
     step_s: float
 
 
-def traced_prediction(args: list[str], steps: int, warmup: int) -> Traced:
+def traced_prediction(args: list[str], pred: Prediction, batch_size: int, steps: int, warmup: int) -> Traced:
+    """`pred` gives the plan and shapes; its costs are replaced by the traced run's."""
     with tempfile.TemporaryDirectory() as run_dir:
         logged = torchrun(args, steps, run_dir, traced=True)
         events = trace.load_ranks(run_dir)
-    pred = predict(compose(args), ranks=2, measure=False)  # for the plan and shapes; costs replaced below
     plan, spec = pred.plan, pred.spec
-    rows = -(-compose(args).train.batch_size // plan.num_microbatches)
+    rows = -(-batch_size // plan.num_microbatches)
     costs, update = from_trace(events, spec, list(plan.stage_layers), rows, skip_steps=warmup)
     result = simulate(plan.train_schedule, 2, plan.num_microbatches, plan.virtual_stages, costs)
     return Traced(result.makespan + update, costs.latency_s, result.bubble, measured_bubbles(logged, warmup),
                   median_step(logged, warmup))
 
 
-def unit_bubble(args: list[str]) -> dict:
+def unit_bubble(plan) -> dict:
     """Each rank's bubble under unit costs (F = B = W = 1, free messages): the schedule's theory."""
-    plan = predict(compose(args), ranks=2, measure=False).plan
     return simulate(plan.train_schedule, 2, plan.num_microbatches, plan.virtual_stages).bubble
 
 
@@ -115,9 +114,11 @@ def main() -> int:
     bubbles = []
     for name in args.schedules.split(","):
         extra = overrides(args.model, name, args.microbatches)
-        alone = predict(compose(extra), ranks=2, measure=True).step_s
-        traced = traced_prediction(extra, args.steps, args.warmup)
-        bubbles.append((name, unit_bubble(extra), traced.simulated_bubble, traced.measured_bubble))
+        conf = compose(extra)
+        pred = predict(conf, ranks=2, measure=True)
+        alone = pred.step_s
+        traced = traced_prediction(extra, pred, conf.train.batch_size, args.steps, args.warmup)
+        bubbles.append((name, unit_bubble(pred.plan), traced.simulated_bubble, traced.measured_bubble))
         with tempfile.TemporaryDirectory() as run_dir:
             real = median_step(torchrun(extra, args.steps, run_dir, traced=False), args.warmup)
         own = traced.step_s
