@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import NoReturn
+from typing import Any, Callable, NoReturn
 
 EXIT_USER_ERROR = 2
 EXIT_FAILURE = 1
@@ -32,3 +32,11 @@ def exit_with(error: Exception, code: int = EXIT_USER_ERROR, every_rank: bool = 
         message = " ".join(str(error).split())
         print(f"error: {message}", file=sys.stderr, flush=True)
     sys.exit(code)
+
+
+def run_command(command: Callable[[Any], int], args: Any) -> int:
+    """A command-line tool's body: its result, or for a UserError one line on stderr and exit 2."""
+    try:
+        return command(args)
+    except UserError as err:
+        exit_with(err)

@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from pipeline import microbatch
-from pipeline.errors import ConfigError, UserError, exit_with
+from pipeline.errors import ConfigError, run_command
 from pipeline.layers import Layer
 from pipeline.model import MLPSpec, build_layers, torch_sequential
 from pipeline.objective import loss_and_grad
@@ -238,10 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="threads while timing (default 1)")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. model=seed loss.name=mse")
     args = parser.parse_args(argv)
-    try:
-        return _hvp_command(args)
-    except UserError as err:
-        exit_with(err)
+    return run_command(_hvp_command, args)
 
 
 def _hvp_command(args: argparse.Namespace) -> int:

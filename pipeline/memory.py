@@ -38,7 +38,7 @@ from torch import Tensor
 
 from pipeline.config import Config, compose
 from pipeline.costs import live_stash_bytes, optimizer_bytes, peak_stash_bytes, stash_bytes
-from pipeline.errors import ConfigError, UserError, exit_with
+from pipeline.errors import ConfigError, run_command
 from pipeline.microbatch import sizes
 from pipeline.model import MLPSpec
 from pipeline.plan import Plan, make_plan, replica_batch, retime
@@ -210,10 +210,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="rows predicted at once (default: the trainer's eval micro-batch)")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. pipeline.schedule=gpipe")
     args = parser.parse_args(argv)
-    try:
-        return _memory_command(args)
-    except UserError as err:
-        exit_with(err)
+    return run_command(_memory_command, args)
 
 
 def _memory_command(args: argparse.Namespace) -> int:

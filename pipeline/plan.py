@@ -22,7 +22,7 @@ from pipeline import microbatch, partition
 from pipeline.config import AUTO, Config, compose
 from pipeline.costs import (Costs, add_arguments, flop_costs, layer_times, measured_costs, optimizer_bytes,
                             peak_stash_bytes)
-from pipeline.errors import ConfigError, UserError, exit_with
+from pipeline.errors import ConfigError, run_command
 from pipeline.model import MLPSpec
 from pipeline.schedule import (SCHEDULES, VIRTUAL, Action, Schedule, build_schedule, fuse_backward, lower,
                                stages_of_rank)
@@ -199,10 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--memory-gib", type=float, default=None, help="memory budget per rank in GiB")
     parser.add_argument("--top", type=int, default=25, help="rows to print")
     args = parser.parse_args(argv)
-    try:
-        return _plan_command(args)
-    except UserError as err:
-        exit_with(err)
+    return run_command(_plan_command, args)
 
 
 def _plan_command(args: argparse.Namespace) -> int:

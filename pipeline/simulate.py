@@ -413,7 +413,7 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
 
     from pipeline.costs import add_arguments
-    from pipeline.errors import UserError, exit_with
+    from pipeline.errors import run_command
 
     parser = argparse.ArgumentParser(prog="python -m pipeline.simulate", description=__doc__.splitlines()[0])
     add_arguments(parser)
@@ -421,10 +421,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bandwidth-gbs", type=float, default=2.0, help="link bandwidth in GB/s (default 2)")
     parser.add_argument("--png", default="timeline_predicted.png", help="where to draw the predicted timeline")
     args = parser.parse_args(argv)
-    try:
-        return _predict_command(args)
-    except UserError as err:
-        exit_with(err)
+    return run_command(_predict_command, args)
 
 
 @dataclass
