@@ -5,9 +5,9 @@ Each error names the key, the value and the fix, on one line (see errors.ConfigE
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, Sequence, get_type_hints
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
@@ -25,6 +25,11 @@ DEFAULTS_FOR_ERRORS = {"optim.lr": 0.1, "loss.l2": 1e-4, "dist.timeout_s": 60, "
 DATASETS = ("digits", "synthetic", "npz")
 PARTITIONS = ("uniform", "params", "time")
 TRANSPORTS = ("p2p", "inprocess")
+# The keys each data set and optimizer reads: anything else (a typo, a `+key` Hydra let through) is refused
+DATA_KEYS = {"digits": ("name", "shuffle", "standardize", "test_fraction", "split_seed"),
+             "synthetic": ("name", "shuffle", "standardize", "test_fraction", "n", "dim", "classes", "noise", "seed"),
+             "npz": ("name", "shuffle", "standardize", "path", "test_path", "test_fraction", "split_seed")}
+OPTIM_KEYS = {"sgd": ("name", "lr", "momentum"), "adam": ("name", "lr", "betas", "eps")}
 
 
 @dataclass(frozen=True)
@@ -41,10 +46,11 @@ class ModelConfig:
 class DataConfig:
     name: str
     shuffle: bool
+    standardize: bool = False  # scale each feature with the training set's mean and std (kept in Dataset.scaling)
     path: str | None = None  # npz
     test_path: str | None = None  # npz
-    test_fraction: float = 0.2  # digits, synthetic
-    split_seed: int = 0  # digits
+    test_fraction: float | None = 0.2  # digits, synthetic; npz: None (no split) or a share of the file's rows
+    split_seed: int = 0  # digits, npz
     n: int = 2048  # synthetic
     dim: int = 32
     classes: int = 4
@@ -131,6 +137,12 @@ class Config:
     parallel: ParallelConfig = ParallelConfig()
 
 
+SECTIONS = tuple(f.name for f in fields(Config))
+# the keys of each section (data and optim: see DATA_KEYS and OPTIM_KEYS, which depend on the option)
+SECTION_KEYS = {name: tuple(f.name for f in fields(kind)) for name, kind in get_type_hints(Config).items()
+                if name not in ("data", "optim")}
+
+
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -171,11 +183,41 @@ def _choice(key: str, value: Any, choices: tuple[str, ...] | Mapping[str, Any]) 
     return value
 
 
+def _known_keys(raw: Mapping[str, Any], known: Sequence[str], prefix: str, owner: str) -> None:
+    """Refuse a key nothing reads: Hydra's `+key=value` adds any name, and a silently ignored
+    setting is worse than an error."""
+    unknown = [key for key in raw if key not in known]
+    if unknown:
+        raise ConfigError(f"{prefix}.{unknown[0]} is not a key of {owner} (its keys: {', '.join(known)}); "
+                          "fix the spelling or remove it")
+
+
+def _check_top_level(raw: Mapping[str, Any]) -> None:
+    """Every top-level name must be a section this module parses; a `+group=option` for a group
+    that conf/ lacks arrives here as a plain string, which nothing would read."""
+    for key, value in raw.items():
+        if key in SECTIONS or key == "hydra":
+            continue
+        if isinstance(value, str):
+            groups = ", ".join(sorted(p.name for p in CONF_DIR.iterdir() if p.is_dir()))
+            raise ConfigError(f"{key}={value}: conf/ has no config group {key!r} (its groups: {groups}), so nothing "
+                              f"reads it; pass --config-dir DIR with DIR/{key}/{value}.yaml (starting with "
+                              "'# @package _global_') to provide one, or remove it")
+        raise ConfigError(f"{key} is not a config section (the sections: {', '.join(SECTIONS)}); "
+                          "fix the spelling or remove it")
+
+
 def _section(raw: Mapping[str, Any], name: str) -> Mapping[str, Any]:
     section = raw.get(name)
     if not isinstance(section, Mapping):
         raise ConfigError(f"config section {name!r} is missing; compose the config from conf/config.yaml")
+    if name in SECTION_KEYS:
+        _known_keys(section, SECTION_KEYS[name], name, name)
     return section
+
+
+def _optional_section(raw: Mapping[str, Any], name: str) -> Mapping[str, Any]:
+    return _section(raw, name) if raw.get(name) is not None else {}
 
 
 def _model(raw: Mapping[str, Any]) -> ModelConfig:
@@ -195,17 +237,15 @@ def _model(raw: Mapping[str, Any]) -> ModelConfig:
 
 def _data(raw: Mapping[str, Any]) -> DataConfig:
     name = _choice("data.name", raw.get("name"), DATASETS)
-    common = dict(name=name, shuffle=_bool("data.shuffle", raw.get("shuffle")))
+    _known_keys(raw, DATA_KEYS[name], "data", f"data={name}")
+    common = dict(name=name, shuffle=_bool("data.shuffle", raw.get("shuffle")),
+                  standardize=_bool("data.standardize", raw.get("standardize", name == "digits")))
     if name == "npz":
-        path = raw.get("path")
-        if not isinstance(path, str) or not path:
-            raise ConfigError(f"data.path={path!r} must name an .npz file with arrays X and y; set data.path=FILE")
-        return DataConfig(**common, path=path, test_path=raw.get("test_path"))
-    fraction = _float("data.test_fraction", raw.get("test_fraction"))
-    if fraction >= 1:
-        raise ConfigError(f"data.test_fraction={fraction} must be below 1; e.g. data.test_fraction=0.2")
+        return _npz(raw, common)
+    fraction = _test_fraction(raw.get("test_fraction"))
     if name == "digits":
-        return DataConfig(**common, test_fraction=fraction, split_seed=_int("data.split_seed", raw.get("split_seed"), 0))
+        return DataConfig(**common, test_fraction=fraction,
+                          split_seed=_int("data.split_seed", raw.get("split_seed"), 0))
     return DataConfig(
         **common, test_fraction=fraction,
         n=_int("data.n", raw.get("n"), 2), dim=_int("data.dim", raw.get("dim")),
@@ -214,11 +254,38 @@ def _data(raw: Mapping[str, Any]) -> DataConfig:
     )
 
 
+def _test_fraction(value: Any) -> float:
+    fraction = _float("data.test_fraction", value)
+    if fraction >= 1:
+        raise ConfigError(f"data.test_fraction={fraction} must be below 1; e.g. data.test_fraction=0.2")
+    return fraction
+
+
+def _npz(raw: Mapping[str, Any], common: dict[str, Any]) -> DataConfig:
+    """A user's file: a second file for testing (data.test_path), or a share of its rows (data.test_fraction)."""
+    path, test_path, fraction = raw.get("path"), raw.get("test_path"), raw.get("test_fraction")
+    if not isinstance(path, str) or not path:
+        raise ConfigError(f"data.path={path!r} must name an .npz file with arrays X and y; set data.path=FILE")
+    if test_path is not None and (not isinstance(test_path, str) or not test_path):
+        raise ConfigError(f"data.test_path={test_path!r} must name one .npz file with arrays X and y, or be null; "
+                          "set data.test_path=FILE")
+    if test_path is not None and fraction is not None:
+        raise ConfigError(f"data.test_path={test_path} and data.test_fraction={fraction} both choose the test set; "
+                          "set only one of them")
+    return DataConfig(**common, path=path, test_path=test_path,
+                      test_fraction=None if fraction is None else _test_fraction(fraction),
+                      split_seed=_int("data.split_seed", raw.get("split_seed", 0), 0))
+
+
 def _optim(raw: Mapping[str, Any]) -> OptimConfig:
     name = _choice("optim.name", raw.get("name"), OPTIMIZERS)
+    _known_keys(raw, OPTIM_KEYS[name], "optim", f"optim={name}")
     lr = _float("optim.lr", raw.get("lr"), positive=True)
     if name == "sgd":
-        return OptimConfig(name, lr, momentum=_float("optim.momentum", raw.get("momentum", 0.0)))
+        momentum = _float("optim.momentum", raw.get("momentum", 0.0))
+        if momentum >= 1:  # the velocity then grows without bound: the run ends in NaN
+            raise ConfigError(f"optim.momentum={momentum:g} must be in [0, 1); e.g. optim.momentum=0.9")
+        return OptimConfig(name, lr, momentum=momentum)
     betas = raw.get("betas", [0.9, 0.999])
     if not (isinstance(betas, (list, tuple)) and len(betas) == 2 and all(_is_number(b) and 0 <= b < 1 for b in betas)):
         raise ConfigError(f"optim.betas={betas!r} must be two numbers in [0, 1), e.g. optim.betas=[0.9,0.999]")
@@ -287,6 +354,7 @@ def _resolve(cfg: DictConfig) -> Mapping[str, Any]:
 def parse(cfg: DictConfig | Mapping[str, Any]) -> Config:
     """Check every value and return the typed config; raises ConfigError on the first bad one."""
     raw = _resolve(cfg) if isinstance(cfg, DictConfig) else cfg
+    _check_top_level(raw)
     loss, checkpoint, dist = _section(raw, "loss"), _section(raw, "checkpoint"), _section(raw, "dist")
     conf = Config(
         model=_model(_section(raw, "model")),
@@ -301,10 +369,10 @@ def parse(cfg: DictConfig | Mapping[str, Any]) -> Config:
                         _choice("dist.device", dist.get("device", "auto"), ("auto", "cpu", "cuda")),
                         _float("dist.init_timeout_s", dist.get("init_timeout_s", 300), positive=True)),
     )
-    trace = raw.get("trace") or {}
+    trace = _optional_section(raw, "trace")
     conf = replace(conf, trace=TraceConfig(_bool("trace.enabled", trace.get("enabled", False)),
                                            _optional_int("trace.step", trace.get("step"))))
-    conf = replace(conf, parallel=_parallel(raw.get("parallel") or {}, conf.pipeline))
+    conf = replace(conf, parallel=_parallel(_optional_section(raw, "parallel"), conf.pipeline))
     if conf.trace.step is not None and conf.trace.step > conf.train.steps:
         raise ConfigError(f"trace.step={conf.trace.step} is after the last step ({conf.train.steps}); "
                           "pick a step in range or leave it null")

@@ -2,13 +2,15 @@
 
 Every dataset arrives as numpy arrays X (n x d, float) and y (n, int labels). With
 shuffle off, step t reads rows [(t mod nb) B, (t mod nb) B + B) with nb = n // B (drop-last).
+With data.standardize every feature becomes x' = (x - mean) / std with the training rows'
+mean and std, which the Dataset keeps (`scaling`) so the checkpoint and the export can too.
 """
 
 from __future__ import annotations
 
 import os
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -24,6 +26,7 @@ class Dataset:
     y_train: np.ndarray
     x_test: np.ndarray | None = None
     y_test: np.ndarray | None = None
+    scaling: tuple[np.ndarray, np.ndarray] | None = None  # (mean, std) per feature, when standardised
 
     @property
     def in_dim(self) -> int:
@@ -35,28 +38,67 @@ class Dataset:
         return int(max(int(y.max()) for y in labels)) + 1
 
 
-def split(x: np.ndarray, y: np.ndarray, test_fraction: float, seed: int) -> tuple[np.ndarray, ...]:
-    """A fixed random train/test split."""
+def split(x: np.ndarray, y: np.ndarray, test_fraction: float, seed: int,
+          keep_order: bool = False) -> tuple[np.ndarray, ...]:
+    """A fixed random train/test split; with `keep_order` both parts keep the rows' order."""
     order = np.random.default_rng(seed).permutation(len(x))
     n_test = int(round(len(x) * test_fraction))
     test, train = order[:n_test], order[n_test:]
+    if keep_order:
+        test, train = np.sort(test), np.sort(train)
     return x[train], y[train], x[test], y[test]
 
 
-def standardise(x_train: np.ndarray, x_test: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Scale each feature to zero mean and unit variance with the training set's statistics."""
+def feature_scaling(x_train: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each feature's mean and standard deviation over the training rows (0 becomes 1)."""
     mean, std = x_train.mean(0), x_train.std(0)
-    std[std == 0] = 1.0  # constant pixels (the digits' borders) stay constant
-    return (x_train - mean) / std, (x_test - mean) / std
+    std[std == 0] = 1.0  # a constant feature (the digits' border pixels) stays constant instead of dividing by 0
+    return mean, std
+
+
+def standardised(data: Dataset) -> Dataset:
+    """The data with x' = (x - mean) / std per feature, from the training rows' statistics, which it keeps."""
+    mean, std = feature_scaling(data.x_train)
+    x_test = None if data.x_test is None else (data.x_test - mean) / std
+    return replace(data, x_train=(data.x_train - mean) / std, x_test=x_test, scaling=(mean, std))
+
+
+def scaling_record(data: Dataset) -> dict[str, list[float]] | None:
+    """The standardisation as checkpoint.json and the export record it: {"mean": [...], "std": [...]}, or None."""
+    if data.scaling is None:
+        return None
+    mean, std = data.scaling
+    return {"mean": [float(v) for v in mean], "std": [float(v) for v in std]}
+
+
+FAR_FROM_STANDARD = 20.0  # |mean| or std of a feature; see scale_warning
+
+
+def scale_warning(data: Dataset, where: str) -> str | None:
+    """A one-line warning when some feature's |mean| or std exceeds FAR_FROM_STANDARD, else None.
+
+    The first layer's gradient grows with its input, so a feature at scale s makes SGD's step on
+    W1 about s^2 times larger. Measured with the default model and optimizer on a 16-feature
+    teacher problem: features with mean and std 20 reached 0.76 test accuracy against 0.86 at 1,
+    and at 50 the loss went NaN. Raw wine and breast cancer reach 750-900; the raw digits' pixels
+    (mean at most 12, std at most 7) still train, and stay under the line.
+    """
+    mean, std = data.x_train.mean(0), data.x_train.std(0)
+    size = np.maximum(np.abs(mean), std)
+    column = int(np.argmax(size))
+    if size[column] <= FAR_FROM_STANDARD:
+        return None
+    return (f"warning: {where}: features are far from standardised (column {column} has mean "
+            f"{mean[column]:.4g} and std {std[column]:.4g}; |mean| or std above {FAR_FROM_STANDARD:g} slows or "
+            "breaks training); set data.standardize=true")
 
 
 def digits(test_fraction: float, split_seed: int) -> Dataset:
-    """scikit-learn's bundled 8x8 handwritten digits (1,797 images, 10 classes), standardised."""
+    """scikit-learn's bundled 8x8 handwritten digits (1,797 images, 10 classes), raw pixels 0..16."""
     from sklearn.datasets import load_digits  # ships with scikit-learn: no download
 
     bunch = load_digits()
     x_train, y_train, x_test, y_test = split(bunch.data, bunch.target, test_fraction, split_seed)
-    x_train, x_test = standardise(x_train, x_test)
     return Dataset("digits", x_train, y_train.astype(np.int64), x_test, y_test.astype(np.int64))
 
 
@@ -74,7 +116,11 @@ def _read_npz(path: str) -> tuple[np.ndarray, np.ndarray]:
     if not os.path.isfile(path):
         raise DataError(f"{path}: no such file; set data.path to an .npz with arrays X and y")
     try:
-        with np.load(path, allow_pickle=False) as archive:
+        archive = np.load(path, allow_pickle=False)
+        if not isinstance(archive, np.lib.npyio.NpzFile):  # np.load reads a .npy as one bare array
+            raise DataError(f"{path}: one array (.npy), not an .npz archive; save X and y together with "
+                            "np.savez(path, X=..., y=...)")
+        with archive:
             missing = [k for k in ("X", "y") if k not in archive.files]
             if missing:
                 raise DataError(f"{path}: missing array {missing[0]!r} (found {archive.files}); "
@@ -85,6 +131,9 @@ def _read_npz(path: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _check_arrays(path: str, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    if np.iscomplexobj(x):  # a cast to float would silently drop the imaginary parts
+        raise DataError(f"{path}: X is complex ({x.dtype}); the network takes real features: save X.real, or the "
+                        "real and imaginary parts as separate columns")
     if x.ndim != 2 or not np.issubdtype(x.dtype, np.number):
         raise DataError(f"{path}: X must be a 2-D numeric array (n x d), got shape {x.shape} of {x.dtype}")
     if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
@@ -101,9 +150,13 @@ def _check_arrays(path: str, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, 
     return x.astype(np.float64), y.astype(np.int64)
 
 
-def npz(path: str, test_path: str | None) -> Dataset:
-    """A user's .npz file (arrays X and y), rows in file order; an optional second file for testing."""
+def npz(path: str, test_path: str | None, test_fraction: float | None = None, split_seed: int = 0) -> Dataset:
+    """A user's .npz file (arrays X and y), rows in file order; for testing, a second file or a
+    fixed random share of the rows (both parts keep the file's order, as data.shuffle=false reads it)."""
     x, y = _check_arrays(path, *_read_npz(path))
+    if test_fraction is not None:
+        x_train, y_train, x_test, y_test = split(x, y, test_fraction, split_seed, keep_order=True)
+        return Dataset(path, x_train, y_train, x_test, y_test)
     if not test_path:
         return Dataset(path, x, y)
     x_test, y_test = _check_arrays(test_path, *_read_npz(test_path))

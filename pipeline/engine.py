@@ -57,6 +57,7 @@ class Engine:
         self.peak_stash = {r: 0 for r in comm.local_ranks}
         self.peak_awaiting_b = {r: 0 for r in comm.local_ranks}
         self.peak_stash_bytes = {r: 0 for r in comm.local_ranks}
+        self.input_scaling: dict | None = None  # the data's standardisation, set by the trainer; for the export
 
     def _stages_of(self, rank: int) -> list[Stage]:
         return [self.stages[s] for s in self.plan.stages_of(rank)]
@@ -188,7 +189,8 @@ class Engine:
         return {"num_stages": self.plan.num_stages, "num_layers": self.spec.num_layers,
                 "stage_layers": [[r.start, r.stop] for r in self.plan.stage_layers], "num_ranks": self.plan.num_ranks,
                 "virtual_stages": self.plan.virtual_stages, "dims": list(self.spec.dims), "bias": self.spec.bias,
-                "dtype": self.spec.dtype, "optimizer": self.conf.optim.name, "replicas": self.comm.num_replicas}
+                "dtype": self.spec.dtype, "optimizer": self.conf.optim.name, "replicas": self.comm.num_replicas,
+                "input_scaling": self.input_scaling}
 
     def local_layers(self) -> list[int]:
         return sorted(layer.index for stage in self.stages.values() for layer in stage.layers)

@@ -3,12 +3,15 @@
     python -m pipeline.export RUN_DIR OUT.pt [--step N]
 
 Layer i of the MLP becomes index 2*i of nn.Sequential(Linear, activation, Linear, ...), so the
-keys are 0.weight, 0.bias, 2.weight, ... whatever the number of stages that trained it.
+keys are 0.weight, 0.bias, 2.weight, ... whatever the number of stages that trained it. When the
+run standardised its inputs (data.standardize), OUT.scaling.json beside it holds the training
+set's per-feature mean and std: the exported network expects x' = (x - mean) / std, not x.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 import torch
@@ -31,7 +34,23 @@ def export(run_dir: str, out_path: str, step: int | None = None) -> int:
     if out.parent and not out.parent.is_dir():
         raise UserError(f"{out_path}: directory {out.parent} does not exist; create it first")
     torch.save(sequential_state_dict(layers), out)
+    write_scaling(checkpoint.read_meta(run_dir, step).get("input_scaling"), scaling_path(out))
     return step
+
+
+def scaling_path(out_path: str | Path) -> Path:
+    """Where the input scaling of the export `out_path` goes: OUT.pt -> OUT.scaling.json."""
+    return Path(out_path).with_suffix(".scaling.json")
+
+
+def write_scaling(scaling: dict | None, path: Path) -> None:
+    """The run's standardisation beside the export; without one, no file (a stale one is removed,
+    so the file never describes another run's inputs)."""
+    if scaling is None:
+        path.unlink(missing_ok=True)
+        return
+    record = {"formula": "x' = (x - mean) / std", "mean": scaling["mean"], "std": scaling["std"]}
+    path.write_text(json.dumps(record, indent=1) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -44,7 +63,10 @@ def main(argv: list[str] | None = None) -> int:
         step = export(args.run_dir, args.out, args.step)
     except UserError as err:
         exit_with(err)
-    print(f"exported step {step} of {args.run_dir} to {args.out}")
+    sidecar = scaling_path(args.out)
+    scaled = (f"; its inputs are standardised: x' = (x - mean) / std with the mean and std in {sidecar}"
+              if sidecar.exists() else "; its inputs are used as they are (the run did not standardise them)")
+    print(f"exported step {step} of {args.run_dir} to {args.out}{scaled}")
     return 0
 
 

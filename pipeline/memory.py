@@ -21,6 +21,9 @@ pipeline.recompute=true the stash shrinks to each stage's input x, and the `rebu
 what a backward briefly holds while it recomputes its micro-batch's stash (the runtime counts
 between actions, so that part is predicted, not measured). Prediction's rows are the trainer's eval
 micro-batch (test rows / eval micro-batches) unless --predict-rows says otherwise.
+
+Before training, `check_fits` holds each memory's ranks' parameters, gradients and optimizer state
+against what that memory has free, so an impossible model is refused before it is allocated.
 """
 
 from __future__ import annotations
@@ -133,16 +136,72 @@ def rebuild_bytes(plan: Plan, spec: MLPSpec, mb_sizes: list[int], rank: int, kep
     return max(0, highest - kept_peak)
 
 
-def rank_memory(conf: Config, plan: Plan, spec: MLPSpec, rank: int, stash: int, predict_rows: int) -> RankMemory:
+def _rank_layers(plan: Plan, rank: int) -> list[int]:
+    return [i for s in plan.stages_of(rank) for i in plan.stage_layers[s]]
+
+
+def state_bytes(conf: Config, plan: Plan, spec: MLPSpec, rank: int) -> tuple[int, int, int]:
+    """(parameters, gradients, optimizer state) of one rank in bytes: what it holds before any micro-batch."""
     element = torch.empty((), dtype=spec.torch_dtype).element_size()
-    layers = [i for s in plan.stages_of(rank) for i in plan.stage_layers[s]]
+    layers = _rank_layers(plan, rank)
     params = element * sum(spec.layer_params(i) for i in layers)
     num_tensors = len(layers) * (2 if spec.bias else 1)
+    return params, params, optimizer_bytes(conf, params, num_tensors)
+
+
+def rank_memory(conf: Config, plan: Plan, spec: MLPSpec, rank: int, stash: int, predict_rows: int) -> RankMemory:
     recompute = conf.pipeline.recompute
     mb_sizes = sizes(conf.train.batch_size, plan.num_microbatches)
     rebuild = rebuild_bytes(plan, spec, mb_sizes, rank, stash) if recompute else 0
-    return RankMemory(params, params, optimizer_bytes(conf, params, num_tensors), stash, rebuild,
-                      in_flight_bytes(spec, layers, predict_rows))
+    return RankMemory(*state_bytes(conf, plan, spec, rank), stash, rebuild,
+                      in_flight_bytes(spec, _rank_layers(plan, rank), predict_rows))
+
+
+# --- before training: does the model fit at all? ------------------------------------------------
+
+def available_bytes(device: torch.device) -> int | None:
+    """Free memory of the CUDA device, or the machine's MemAvailable (Linux); None when unknown."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as meminfo:
+            info = dict(line.split(":", 1) for line in meminfo)
+        return int(info["MemAvailable"].split()[0]) * KIB
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+def memory_pools(plan: Plan, transport: str, device: torch.device, machine: range) -> list[list[int]]:
+    """The pipeline ranks whose state comes out of one memory, per memory: in-process, all of them;
+    under torchrun on CPUs, those of this machine's processes (`machine`: their global ranks; replicas
+    count again); on GPUs, each process's own device (all ranks are listed, so every process refuses alike)."""
+    if transport == "inprocess":
+        return [list(range(plan.num_ranks))]
+    if device.type == "cuda":
+        return [[rank] for rank in range(plan.num_ranks)]
+    return [[g % plan.num_ranks for g in machine]]
+
+
+def _gib(n: float) -> str:
+    gib = n / 2 ** 30
+    return f"{gib:.0f}" if gib >= 100 else f"{gib:.3g}"
+
+
+def check_fits(conf: Config, plan: Plan, spec: MLPSpec, pools: list[list[int]], device: torch.device,
+               hint: str) -> None:
+    """Refuse (ConfigError) when one memory cannot hold its ranks' parameters, gradients and optimizer state."""
+    available = available_bytes(device)
+    if available is None:
+        return
+    need = {rank: sum(state_bytes(conf, plan, spec, rank)) for rank in range(plan.num_ranks)}
+    for pool in pools:
+        total = sum(need[rank] for rank in pool)
+        if total > available:
+            worst = max(pool, key=need.get)
+            shared = f" ({_gib(total)} GiB with the other ranks in this memory)" if len(pool) > 1 else ""
+            raise ConfigError(f"model {'-'.join(map(str, spec.dims))}: rank {worst} needs {_gib(need[worst])} GiB "
+                              f"for parameters, gradients and optimizer state{shared} but {_gib(available)} GiB of "
+                              f"memory is available; {hint}")
 
 
 def calculate(conf: Config, ranks: int, predict_rows: int | None = None) -> Calculation:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -24,23 +25,32 @@ from omegaconf import DictConfig
 
 from pipeline import config, data as datasets
 from pipeline.config import Config
-from pipeline.distributed import connect, plan_devices, read_env
+from pipeline.distributed import Env, connect, plan_devices, read_env
 from pipeline.engine import Engine
 from pipeline.errors import ConfigError
 from pipeline.metrics import MetricsLog, progress_bar, summary_line
 from pipeline.model import MLPSpec
-from pipeline.plan import make_plan, retime
+from pipeline.plan import Plan, make_plan, retime
 from pipeline.resume import resume, resume_candidates
 from pipeline.simulate import check_in_order
 
 
-def load_data(conf: Config) -> datasets.Dataset:
+def load_data(conf: Config, warn: bool = False) -> datasets.Dataset:
+    """The configured data set, standardised with data.standardize; with `warn`, local rank 0 says on
+    stderr when it is not and its features are far from standardised (see data.scale_warning)."""
     d = conf.data
     if d.name == "digits":
-        return datasets.digits(d.test_fraction, d.split_seed)
-    if d.name == "synthetic":
-        return datasets.synthetic(d.n, d.dim, d.classes, d.noise, d.seed, d.test_fraction)
-    return datasets.npz(d.path, d.test_path)
+        data = datasets.digits(d.test_fraction, d.split_seed)
+    elif d.name == "synthetic":
+        data = datasets.synthetic(d.n, d.dim, d.classes, d.noise, d.seed, d.test_fraction)
+    else:
+        data = datasets.npz(d.path, d.test_path, d.test_fraction, d.split_seed)
+    if d.standardize:
+        return datasets.standardised(data)
+    warning = datasets.scale_warning(data, f"data.path={d.path}" if d.name == "npz" else f"data={d.name}")
+    if warn and warning and os.environ.get("LOCAL_RANK", "0") == "0":
+        print(warning, file=sys.stderr, flush=True)
+    return data
 
 
 def model_spec(conf: Config, data: datasets.Dataset) -> MLPSpec:
@@ -57,6 +67,20 @@ def check_batch(conf: Config, data: datasets.Dataset) -> None:
     if conf.train.batch_size > rows:
         raise ConfigError(f"train.batch_size={conf.train.batch_size} exceeds the {rows} training rows of "
                           f"{data.source}; use a smaller batch")
+
+
+def check_memory(conf: Config, env: Env, plan: Plan, spec: MLPSpec, data: datasets.Dataset,
+                 device: torch.device) -> None:
+    """Refuse a model whose parameters, gradients and optimizer state cannot fit, before any is allocated."""
+    from pipeline import memory
+
+    hint = "use smaller model.hidden widths or more pipeline ranks"
+    if conf.model.out_dim is None and spec.dims[-1] == max(spec.dims):
+        hint = (f"model.out_dim={spec.dims[-1]} was inferred from the largest label ({spec.dims[-1] - 1}) of "
+                f"{data.source}; labels must be 0 .. classes-1, or set model.out_dim")
+    first = env.rank - env.local_rank  # torchrun numbers a machine's processes consecutively
+    pools = memory.memory_pools(plan, conf.pipeline.transport, device, range(first, first + env.local_world_size))
+    memory.check_fits(conf, plan, spec, pools, device, hint)
 
 
 def as_tensors(x, y, spec: MLPSpec, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
@@ -92,12 +116,13 @@ def train(cfg: DictConfig | Config, run_dir: str | Path) -> dict[str, Any]:
     """Train the configured MLP; write metrics.jsonl and checkpoints under run_dir; return the summary."""
     conf = cfg if isinstance(cfg, Config) else config.parse(cfg)
     env = read_env()
-    data = load_data(conf)
+    data = load_data(conf, warn=True)
     spec = model_spec(conf, data)
     check_batch(conf, data)
     test_rows = 0 if data.x_test is None else len(data.x_test)
     plan = make_plan(conf, spec, env.world_size, eval_rows=test_rows)
-    _, backend = plan_devices(env, conf.pipeline.transport, conf.dist)  # an impossible device or backend: refuse now
+    device, backend = plan_devices(env, conf.pipeline.transport, conf.dist)  # refuses an impossible device or backend
+    check_memory(conf, env, plan, spec, data, device)
     if backend == "nccl":  # NCCL pairs messages by order, not tag
         for schedule in (plan.train_schedule, plan.eval_schedule):
             check_in_order(schedule, plan.num_ranks)
@@ -109,6 +134,7 @@ def train(cfg: DictConfig | Config, run_dir: str | Path) -> dict[str, Any]:
         if conf.pipeline.partition == "time":
             plan = retime(plan, spec, conf, comm.mean_list)
         engine = Engine(conf, spec, plan, comm)
+        engine.input_scaling = datasets.scaling_record(data)  # checkpoint.json keeps it for export
         resumed = resume(conf, engine, Path(run_dir), candidates)
         return _fit(conf, spec, engine, data, test_rows, Path(run_dir), resumed)
 

@@ -3,6 +3,7 @@
 
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import pytest
 
 from tests.conftest import run_cli
@@ -33,11 +34,44 @@ CASES = {
     "checkpoint.every": (["checkpoint.every=-1"], "checkpoint.every=-1 must be an integer >= 0"),
     "train.resume": (["train.resume=sometimes"], "train.resume='sometimes' must be auto, never or the step of a "
                                                  "checkpoint"),
+    "npy for npz": (["data=npz", "data.path={dir}/x.npy"],
+                    "{dir}/x.npy: one array (.npy), not an .npz archive; save X and y together with np.savez"),
+    "test_path list": (["data=npz", "data.path={dir}/ok.npz", "data.test_path=[a]"],
+                       "data.test_path=['a'] must name one .npz file with arrays X and y, or be null"),
+    "path list": (["data=npz", "data.path=[a]"], "data.path=['a'] must name an .npz file with arrays X and y"),
+    "complex X": (["data=npz", "data.path={dir}/complex.npz"],
+                  "{dir}/complex.npz: X is complex (complex128); the network takes real features"),
+    "huge hidden": (["model.hidden=[200000,200000]"], "model 4-200000-200000-4: rank 0 needs 298 GiB for parameters, "
+                    "gradients and optimizer state but "),
+    "huge hidden in-process": (["model.hidden=[200000,200000]", "pipeline.transport=inprocess", "pipeline.ranks=2"],
+                               "rank 1 needs 298 GiB for parameters, gradients and optimizer state (298 GiB with the "
+                               "other ranks in this memory) but "),
+    "huge label": (["data=npz", "data.path={dir}/big_label.npz"],
+                   "GiB of memory is available; model.out_dim=1000000001 was inferred from the largest label "
+                   "(1000000000) of {dir}/big_label.npz; labels must be 0 .. classes-1"),
+    "momentum": (["optim.momentum=2"], "optim.momentum=2 must be in [0, 1); e.g. optim.momentum=0.9"),
+    "no experiment group": (["+experiment=small"], "experiment=small: conf/ has no config group 'experiment' (its "
+                            "groups: data, model, optim, pipeline), so nothing reads it; pass --config-dir DIR with "
+                            "DIR/experiment/small.yaml"),
+    "unknown key": (["+train.step=5"], "train.step is not a key of train (its keys: steps, "),
+    "test_path and test_fraction": (["data=npz", "data.path={dir}/ok.npz", "data.test_path={dir}/ok.npz",
+                                     "data.test_fraction=0.3"],
+                                    "data.test_path={dir}/ok.npz and data.test_fraction=0.3 both choose the test set"),
 }
 
 
+def write_inputs(case_dir) -> None:
+    """The files the cases name: an empty file, a bare .npy, a complex X, a label of 1e9, a good .npz."""
+    (case_dir / "a_file").write_text("")
+    np.save(case_dir / "x.npy", np.zeros((16, 3)))
+    labels = np.arange(16) % 2
+    np.savez(case_dir / "complex.npz", X=np.ones((16, 3)) + 1j, y=labels)
+    np.savez(case_dir / "big_label.npz", X=np.ones((16, 3)), y=np.where(labels, 10 ** 9, 0))
+    np.savez(case_dir / "ok.npz", X=np.ones((16, 3)), y=labels)
+
+
 def command(name: str, tmp_path) -> tuple[list[str], dict | None]:
-    overrides = [o.format(file=tmp_path / "a_file") for o in CASES[name][0]]
+    overrides = [o.format(file=tmp_path / "a_file", dir=tmp_path) for o in CASES[name][0]]
     if not any(o.startswith("hydra.run.dir=") for o in overrides):
         overrides.append(f"hydra.run.dir={tmp_path / 'run'}")
     base = [o for o in TINY if not o.startswith("data")] if "data=npz" in overrides else list(TINY)
@@ -52,7 +86,7 @@ def results(tmp_path_factory):
     def one(name):
         case_dir = root / name.replace(" ", "_").replace(">", "gt")
         case_dir.mkdir()
-        (case_dir / "a_file").write_text("")
+        write_inputs(case_dir)
         args, env = command(name, case_dir)
         return case_dir, run_cli(*args, env=env, timeout=100)
 
@@ -60,13 +94,51 @@ def results(tmp_path_factory):
         return dict(zip(CASES, pool.map(one, CASES)))
 
 
-@pytest.mark.timeout(150)
+@pytest.mark.timeout(300)  # the first case waits for the whole table: ~24 runs of about 4 CPU-seconds on 2 cores
 @pytest.mark.parametrize("name", CASES)
 def test_a_bad_input_is_one_line_and_exit_2(name, results):
     case_dir, result = results[name]
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    assert CASES[name][1].format(file=case_dir / "a_file") in lines[0]
+    assert CASES[name][1].format(file=case_dir / "a_file", dir=case_dir) in lines[0]
     assert "Traceback" not in result.stderr + result.stdout
     assert not (case_dir / "run" / "checkpoints").exists()
+
+
+@pytest.mark.timeout(60)
+def test_the_memory_check_counts_every_rank_that_shares_one_memory(tmp_path, monkeypatch):
+    """Between one rank's state and all ranks' state: refused where one memory holds every rank
+    (in-process, or two processes on this machine), accepted where each process has its own GPU."""
+    import torch
+
+    from pipeline import config, memory
+    from pipeline.distributed import Env
+    from pipeline.errors import ConfigError
+    from pipeline.plan import make_plan
+    from pipeline.trainer import check_memory, load_data, model_spec
+    from tests.conftest import make_cfg
+
+    def layout(transport, world):
+        conf = config.parse(make_cfg(*TINY, "model.hidden=[64,64]", f"pipeline.transport={transport}",
+                                     "pipeline.ranks=2", "optim=adam"))
+        data = load_data(conf)
+        spec = model_spec(conf, data)
+        return conf, make_plan(conf, spec, world, eval_rows=8), spec, data
+
+    conf, plan, spec, data = layout("inprocess", 1)
+    need = [sum(memory.state_bytes(conf, plan, spec, r)) for r in range(2)]
+    params = [spec.layer_params(i) * 4 for i in range(3)]  # rank 0: layer 0; rank 1: layers 1, 2 (uniform)
+    assert need == [4 * params[0] + 8, 4 * (params[1] + params[2]) + 16]  # Adam: 2 states + a step per tensor
+    monkeypatch.setattr(memory, "available_bytes", lambda device: max(need) + 1)
+    one, two = Env(0, 1, 0, 1, None), Env(1, 2, 1, 2, "x")
+    shared = r"rank 1 needs .* GiB for parameters, gradients and optimizer state \(.* GiB with the other ranks in this "
+    with pytest.raises(ConfigError, match=shared + r"memory\) but .* GiB of memory is available"):
+        check_memory(conf, one, plan, spec, data, torch.device("cpu"))
+    conf, plan, spec, data = layout("p2p", 2)
+    with pytest.raises(ConfigError, match="rank 1 needs"):
+        check_memory(conf, two, plan, spec, data, torch.device("cpu"))  # both processes on this machine
+    check_memory(conf, two, plan, spec, data, torch.device("cuda", 1))  # a device each: each fits
+    monkeypatch.setattr(memory, "available_bytes", lambda device: max(need) - 1)
+    with pytest.raises(ConfigError, match="rank 1 needs"):
+        check_memory(conf, two, plan, spec, data, torch.device("cuda", 1))

@@ -58,11 +58,64 @@ def test_seed_preset_is_the_chapters_network():
     ("loss.l2=-0.1", "loss.l2=-0.1 must be a finite number >= 0"),
     ("data.test_fraction=1.0", "data.test_fraction=1.0 must be below 1"),
     ("dist.timeout_s=0", "dist.timeout_s=0 must be a finite number > 0"),
+    ("optim.momentum=2", "optim.momentum=2 must be in [0, 1); e.g. optim.momentum=0.9"),
+    ("optim.momentum=1", "optim.momentum=1 must be in [0, 1)"),
+    ("optim.momentum=-0.5", "optim.momentum=-0.5 must be a finite number >= 0"),
+    ("data.standardize=maybe", "data.standardize='maybe' must be true or false"),
+    ("+experiment=small", "experiment=small: conf/ has no config group 'experiment' (its groups: data, model, optim, "
+                          "pipeline), so nothing reads it; pass --config-dir DIR with DIR/experiment/small.yaml"),
+    ("+extra.key=1", "extra is not a config section (the sections: model, data, optim, pipeline, train, loss,"),
+    ("+train.step=5", "train.step is not a key of train (its keys: steps, batch_size, seed, log_every, eval_every, "
+                      "resume); fix the spelling or remove it"),
+    ("+model.width=5", "model.width is not a key of model"),
+    ("+pipeline.stages=2", "pipeline.stages is not a key of pipeline"),
+    ("+dist.port=1", "dist.port is not a key of dist"),
+    ("+parallel.tp=2", "parallel.tp is not a key of parallel"),
+    ("+data.path=x.npz", "data.path is not a key of data=digits (its keys: name, shuffle, standardize, "
+                         "test_fraction, split_seed)"),
+    ("+optim.betas=[0.9,0.99]", "optim.betas is not a key of optim=sgd (its keys: name, lr, momentum)"),
 ])
 def test_bad_values_name_the_key_and_the_fix(override, message):
     with pytest.raises(ConfigError) as err:
         config.parse(make_cfg(override))
     assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_standardize_defaults_per_data_set():
+    assert config.parse(make_cfg()).data.standardize is True  # digits, as before
+    assert config.parse(make_cfg("data=npz", "data.path=x.npz")).data.standardize is False  # old npz runs: same numbers
+    assert config.parse(make_cfg("data=synthetic")).data.standardize is False  # standard normal already
+    assert config.parse(make_cfg("data=npz", "data.path=x.npz", "data.standardize=true")).data.standardize is True
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["data.test_path=[a]"], "data.test_path=['a'] must name one .npz file with arrays X and y, or be null"),
+    (["data.test_path=t.npz", "data.test_fraction=0.3"],
+     "data.test_path=t.npz and data.test_fraction=0.3 both choose the test set; set only one of them"),
+    (["data.test_fraction=1"], "data.test_fraction=1.0 must be below 1"),
+    (["+data.n=10"], "data.n is not a key of data=npz"),
+])
+def test_npz_test_set_choices(overrides, message):
+    with pytest.raises(ConfigError) as err:
+        config.parse(make_cfg("data=npz", "data.path=x.npz", *overrides))
+    assert message in str(err.value)
+
+
+def test_npz_test_fraction_is_read():
+    d = config.parse(make_cfg("data=npz", "data.path=x.npz", "data.test_fraction=0.3", "data.split_seed=4")).data
+    assert (d.test_fraction, d.split_seed, d.test_path) == (0.3, 4, None)
+    assert config.parse(make_cfg("data=npz", "data.path=x.npz")).data.test_fraction is None
+    assert config.parse(make_cfg("optim=adam", "optim.lr=0.01")).optim.lr == 0.01  # no sgd key needed
+
+
+def test_an_experiment_group_from_config_dir_is_read(tmp_path):
+    (tmp_path / "conf" / "experiment").mkdir(parents=True)
+    (tmp_path / "conf" / "experiment" / "small.yaml").write_text("# @package _global_\ntrain:\n  steps: 3\n")
+    result = run_cli("pipeline.train", "--config-dir", str(tmp_path / "conf"), "+experiment=small",
+                     "data=synthetic", "data.n=64", "model.hidden=[8]", "train.batch_size=8",
+                     f"hydra.run.dir={tmp_path / 'run'}")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1].startswith("pipeline: done steps=3 ")
 
 
 def test_npz_without_path_is_refused():

@@ -3,20 +3,86 @@
 import numpy as np
 import pytest
 
-from pipeline import data
+from pipeline import config, data
 from pipeline.errors import DataError
-from pipeline.trainer import train
+from pipeline.trainer import load_data, train
 from tests.conftest import make_cfg, run_cli, write_npz
 
 pytestmark = pytest.mark.timeout(120)
 
 
+def load(*overrides):
+    return load_data(config.parse(make_cfg(*overrides)))
+
+
 def test_digits_is_standardised_and_split_the_same_way_each_time():
-    a, b = data.digits(0.2, 0), data.digits(0.2, 0)
+    a, b = load(), load()
     assert a.x_train.shape == (1438, 64) and a.x_test.shape == (359, 64) and a.num_classes == 10
     assert np.array_equal(a.y_test, b.y_test)
     spread = a.x_train.std(0)
     assert np.allclose(a.x_train.mean(0), 0, atol=1e-9) and np.allclose(spread[spread > 0], 1)
+    raw = data.digits(0.2, 0)  # the pixels 0..16; the scaling kept is theirs, constant pixels divided by 1
+    mean, std = a.scaling
+    assert np.array_equal(mean, raw.x_train.mean(0)) and np.array_equal(std[std != 1], raw.x_train.std(0)[std != 1])
+    assert np.allclose(a.x_test, (raw.x_test - mean) / std)
+
+
+def wine_like(path, n=120, seed=3):
+    """Raw features like wine's or breast cancer's: most near 1, a few of scale 1e2-1e3."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, 6)) * [1, 0.1, 3, 15, 320, 1] + [2, 0.3, 20, 100, 750, 0]
+    y = (x[:, 4] > 750).astype(np.int64) + (x[:, 0] > 2)
+    np.savez(path, X=x, y=y)
+    return x, y
+
+
+def test_npz_is_not_standardised_by_default_and_is_with_data_standardize(tmp_path):
+    x, _ = wine_like(tmp_path / "wine.npz")
+    test_x, _ = wine_like(tmp_path / "wine_test.npz", n=30, seed=4)
+    files = ("data=npz", f"data.path={tmp_path / 'wine.npz'}", f"data.test_path={tmp_path / 'wine_test.npz'}")
+    raw = load(*files)
+    assert np.array_equal(raw.x_train, x) and np.array_equal(raw.x_test, test_x) and raw.scaling is None
+    scaled = load(*files, "data.standardize=true")
+    assert np.allclose(scaled.x_train.mean(0), 0, atol=1e-9) and np.allclose(scaled.x_train.std(0), 1)
+    mean, std = scaled.scaling
+    assert np.array_equal(mean, x.mean(0)) and np.array_equal(std, x.std(0))
+    assert np.allclose(scaled.x_test, (test_x - x.mean(0)) / x.std(0))  # the test rows use the training statistics
+
+
+def test_npz_test_fraction_holds_out_rows_in_file_order(tmp_path):
+    x, y = wine_like(tmp_path / "wine.npz", n=50)
+    split = load("data=npz", f"data.path={tmp_path / 'wine.npz'}", "data.test_fraction=0.3")
+    assert len(split.x_train) == 35 and len(split.x_test) == 15
+    rows = [int(np.flatnonzero((x == row).all(1))[0]) for row in split.x_train]
+    held = [int(np.flatnonzero((x == row).all(1))[0]) for row in split.x_test]
+    assert rows == sorted(rows) and held == sorted(held) and sorted(rows + held) == list(range(50))
+    assert np.array_equal(split.y_train, y[rows])
+    other = load("data=npz", f"data.path={tmp_path / 'wine.npz'}", "data.test_fraction=0.3", "data.split_seed=1")
+    assert not np.array_equal(other.x_test, split.x_test)
+
+
+def test_scale_warning_for_raw_wine_like_data_but_not_digits_or_synthetic(tmp_path):
+    wine_like(tmp_path / "wine.npz")
+    message = data.scale_warning(load("data=npz", f"data.path={tmp_path / 'wine.npz'}"), "data.path=W")
+    assert message.startswith("warning: data.path=W: features are far from standardised (column 4 has mean 7")
+    assert message.endswith("|mean| or std above 20 slows or breaks training); set data.standardize=true")
+    assert "\n" not in message
+    for quiet in (load(), load("data=synthetic"), data.digits(0.2, 0)):  # the raw digits too: pixels <= 16
+        assert data.scale_warning(quiet, "x") is None
+
+
+def test_the_warning_comes_from_local_rank_0_only_and_not_when_standardised(tmp_path, capsys, monkeypatch):
+    wine_like(tmp_path / "wine.npz")
+    conf = config.parse(make_cfg("data=npz", f"data.path={tmp_path / 'wine.npz'}"))
+    load_data(conf, warn=True)
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith(f"warning: data.path={tmp_path / 'wine.npz'}: features are far from standardised")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    load_data(conf, warn=True)
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    load_data(config.parse(make_cfg("data=npz", f"data.path={tmp_path / 'wine.npz'}", "data.standardize=true")),
+              warn=True)
+    assert capsys.readouterr().err == ""
 
 
 def test_synthetic_is_learnable_and_sized():
@@ -71,10 +137,16 @@ def bad_file(tmp_path, kind):
     if kind == "garbage":
         path.write_bytes(b"not a zip")
         return path, "not a readable .npz file"
+    if kind == "npy":
+        np.save(tmp_path / "x.npy", np.zeros((4, 2)))
+        return tmp_path / "x.npy", "one array (.npy), not an .npz archive; save X and y together with np.savez"
+    if kind == "complex":
+        np.savez(path, X=np.ones((4, 2)) + 2j, y=np.array([0, 1, 0, 1]))
+        return path, "X is complex (complex128); the network takes real features"
     raise AssertionError(kind)
 
 
-KINDS = ["missing", "key", "nan", "inf", "label", "width", "negative", "garbage"]
+KINDS = ["missing", "key", "nan", "inf", "label", "width", "negative", "garbage", "npy", "complex"]
 EXTRA = {"label": ["model.out_dim=2"], "width": ["model.in_dim=7"]}
 
 
