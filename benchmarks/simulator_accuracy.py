@@ -31,7 +31,8 @@ import torch
 from pipeline import trace
 from pipeline.config import compose
 from pipeline.costs import from_trace
-from pipeline.simulate import Prediction, predict, simulate
+from pipeline.prediction import Prediction, predict
+from pipeline.simulate import simulate
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = {

@@ -77,8 +77,9 @@ def _wait(procs: list[subprocess.Popen], timeout_s: float) -> list[str]:
         errors.append(err.strip().splitlines()[-1:] if err else [])
     codes = [proc.returncode for proc in procs]
     if codes != [0, 0]:
-        last = "; ".join(line for lines in errors for line in lines)
-        raise RuntimeError(f"a latency process failed or ran past {timeout_s:g} s (exit codes {codes}{': ' + last if last else ''})")
+        last = "; ".join(line for lines in errors for line in lines)  # each process's last stderr line
+        raise RuntimeError(f"a latency process failed or ran past {timeout_s:g} s (exit codes {codes})"
+                           + (f": {last}" if last else ""))
     return outputs
 
 

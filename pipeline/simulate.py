@@ -419,8 +419,8 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(prog="python -m pipeline.simulate", description=__doc__.splitlines()[0])
     add_arguments(parser)
-    parser.add_argument("--from-trace", metavar="RUN_DIR", help="take the costs of a traced run (trace.enabled=true) "
-                        "and compare the prediction with its measured step time")
+    parser.add_argument("--from-trace", metavar="RUN_DIR", help="take p, the config and the costs of a traced run "
+                        "(trace.enabled=true) and compare the prediction with its measured step time")
     parser.add_argument("--warmup", type=int, default=5, help="--from-trace: the first steps left out (default 5)")
     parser.add_argument("--latency-us", type=float, default=None, help="per-message latency in us; default: "
                         "measured between two processes (--measure), from the trace (--from-trace), else 50")
@@ -430,156 +430,13 @@ def main(argv: list[str] | None = None) -> int:
     return run_command(_predict_command, args)
 
 
-@dataclass
-class Prediction:
-    """What the simulator expects of a configured run: step time, bubbles, stashes, the timeline."""
-
-    plan: object  # pipeline.plan.Plan
-    spec: object  # pipeline.model.MLPSpec
-    result: SimResult
-    stash_bytes: dict[int, int]
-    update_s: float  # the slowest rank's optimizer step, outside the schedule
-    latency_s: float = 5e-5  # per message, as simulated
-    latency_source: str = "assumed"  # where latency_s came from, for the printout
-
-    @property
-    def step_s(self) -> float:
-        return self.result.makespan + self.update_s
-
-
-def _configured(conf, ranks: int):
-    """(conf, spec, plan, one replica's batch rows, rows per micro-batch) of `conf` on `ranks` ranks."""
-    from dataclasses import replace
-
-    from pipeline.plan import make_plan, replica_batch
-    from pipeline.trainer import load_data, model_spec
-
-    conf = replace(conf, pipeline=replace(conf.pipeline, transport="inprocess", ranks=ranks))
-    spec = model_spec(conf, load_data(conf))
-    plan = make_plan(conf, spec, 1, eval_rows=0)
-    batch = replica_batch(conf)
-    return conf, spec, plan, batch, -(-batch // plan.num_microbatches)
-
-
-def _simulated(conf, spec, plan, batch: int, costs) -> tuple[SimResult, dict[int, int]]:
-    """The simulated step under `costs`, and each rank's peak stashed bytes."""
-    from pipeline.costs import peak_stash_bytes
-    from pipeline.microbatch import sizes
-
-    result = simulate(plan.train_schedule, plan.num_ranks, plan.num_microbatches, plan.virtual_stages, costs)
-    stash = peak_stash_bytes(plan.train_schedule, spec, list(plan.stage_layers), sizes(batch, plan.num_microbatches),
-                             conf.pipeline.recompute)
-    return result, stash
-
-
-def predict(conf, ranks: int, measure: bool, latency_s: float | None = None, bandwidth: float = 2e9) -> Prediction:
-    """Simulate `conf` on `ranks` ranks with FLOP-count costs or costs measured in this process.
-
-    latency_s None: with `measure`, a message of the run's size timed between two processes
-    (pipeline.latency.message_latency_s); else the FLOP model's 50 us.
-    """
-    from dataclasses import replace
-
-    from pipeline.costs import flop_costs, measured_costs
-
-    conf, spec, plan, batch, rows = _configured(conf, ranks)
-    stages = list(plan.stage_layers)
-    costs = measured_costs(spec, stages, rows, conf.train.seed) if measure else flop_costs(spec, stages, rows)
-    source = "given"
-    if latency_s is None and measure:
-        latency_s, source = _measure_latency(costs.message_bytes, plan.num_stages)
-    elif latency_s is None:
-        latency_s, source = costs.latency_s, "assumed; --measure measures it"
-    costs = replace(costs, latency_s=latency_s, bandwidth=bandwidth)
-    result, stash = _simulated(conf, spec, plan, batch, costs)
-    update = _update_s(conf, spec, plan) if measure else 0.0
-    return Prediction(plan, spec, result, stash, update, latency_s, source)
-
-
-def _measure_latency(message_bytes: dict[int, int], num_stages: int) -> tuple[float, str]:
-    """(seconds, how) of the largest message that crosses ranks, timed between two processes."""
-    from pipeline.errors import UserError
-    from pipeline.latency import message_latency_s
-
-    nbytes = max(message_bytes[s] for s in range(num_stages - 1)) if num_stages > 1 else 4
-    try:
-        return message_latency_s(nbytes), f"measured: gloo between two processes, {nbytes / 1024:g} KiB, sender busy"
-    except RuntimeError as err:
-        raise UserError(f"could not measure the message latency ({err}); give --latency-us US instead") from None
-
-
-def _update_s(conf, spec, plan) -> float:
-    """The slowest rank's optimizer step, timed here: it ends the step."""
-    from pipeline.costs import time_update
-    from pipeline.engine import make_optimizer
-    from pipeline.model import build_layers
-    from pipeline.stage import Stage
-
-    update = 0.0
-    for r in range(plan.num_ranks):
-        own = [Stage(s, plan.num_stages, build_layers(spec, 0, plan.stage_layers[s])) for s in plan.stages_of(r)]
-        optimizer = make_optimizer(conf, [p for st in own for p in st.parameters()])
-        update = max(update, time_update(own, optimizer, conf.loss.l2))
-    return update
-
-
-@dataclass
-class TracedPrediction:
-    """A traced run's prediction from its own costs, next to its measured step time."""
-
-    pred: Prediction  # update_s: the median time between schedules after a logged step
-    unlogged_update_s: float | None  # the same after an unlogged step (None when every step is logged)
-    measured_s: float  # median step_time_s of the logged steps after the warm-up
-    measured_steps: int  # how many steps that median is over
-    measured_bubble: list[float] | None  # per rank, the median of the logged bubbles
-
-    @property
-    def error(self) -> float:
-        return (self.pred.step_s - self.measured_s) / self.measured_s
-
-
-def predict_traced(run, warmup: int = 5, latency_s: float | None = None, bandwidth: float = 2e9) -> TracedPrediction:
-    """Simulate a traced run (a `pipeline.traced_run.TracedRun`) from the costs its trace shows."""
-    import statistics
-    from dataclasses import replace
-
-    from pipeline.costs import from_trace, message_latency, step_gaps
-    from pipeline.errors import UserError
-
-    conf, spec, plan, batch, rows = _configured(run.conf, len(run.events))
-    costs, update = from_trace(run.events, spec, list(plan.stage_layers), rows, skip_steps=warmup)
-    missing = [(s, k) for s in range(plan.num_stages) for k in ("F", "B", "W") if (s, k) not in costs.compute]
-    if missing:
-        raise UserError(f"{run.run_dir}/trace.json has no {missing[0][1]} of stage {missing[0][0]} after step {warmup}, "
-                        f"which its config's plan runs; trace more steps or lower --warmup")
-    if latency_s is not None:
-        source = "given"
-    elif message_latency(run.events, warmup) is None:  # e.g. one process: every message was there in time
-        source = "assumed: no receive in the trace waited for its message"
-    else:
-        source = "from the trace: mean time from a send to the receive waiting for it"
-    costs = replace(costs, latency_s=costs.latency_s if latency_s is None else latency_s, bandwidth=bandwidth)
-    result, stash = _simulated(conf, spec, plan, batch, costs)
-    measured = {step: t for step, t in run.step_times.items() if step > warmup}
-    if not measured:
-        raise UserError(f"{run.run_dir}/metrics.jsonl has no step_time_s after step {warmup}; lower --warmup "
-                        "or train longer")
-    gaps = step_gaps(run.events, warmup)
-    logged = [g for step, after in gaps.items() if step in run.step_times for g in after]
-    unlogged = [g for step, after in gaps.items() if step not in run.step_times for g in after]
-    bubbles = [b for step, b in run.bubbles.items() if step > warmup]
-    pred = Prediction(plan, spec, result, stash, statistics.median(logged) if logged else update, costs.latency_s,
-                      source)
-    return TracedPrediction(pred, statistics.median(unlogged) if unlogged else None,
-                            statistics.median(measured.values()), len(measured),
-                            [statistics.median(b[r] for b in bubbles) for r in range(plan.num_ranks)] if bubbles else None)
-
-
 def _predict_command(args) -> int:
+    """Predict the configured run (FLOP counts or --measure), or a traced one (--from-trace)."""
     import torch
 
     from pipeline.config import compose
     from pipeline.errors import ConfigError, UserError
+    from pipeline.prediction import predict
 
     if args.from_trace is not None:
         return _traced_command(args)
@@ -599,7 +456,9 @@ def _predict_command(args) -> int:
 
 
 def _traced_command(args) -> int:
+    """--from-trace RUN_DIR: the run's own costs, its prediction beside its measured step time."""
     from pipeline.errors import UserError
+    from pipeline.prediction import predict_traced
     from pipeline.traced_run import load
 
     if args.measure:
@@ -613,26 +472,33 @@ def _traced_command(args) -> int:
     run = load(args.from_trace)
     traced = predict_traced(run, args.warmup, None if args.latency_us is None else args.latency_us * 1e-6,
                             args.bandwidth_gbs * 1e9)
-    pred, first = traced.pred, min(s for s in run.step_times if s > args.warmup)
-    _print_header(pred, run.conf, f"from the trace of {run.run_dir} (steps after {args.warmup})")
-    other = "" if traced.unlogged_update_s is None else f"; {traced.unlogged_update_s * 1e3:.2f} ms after an unlogged one"
+    _print_traced(traced, run, args.warmup)
+    _print_ranks(traced.pred, args.png, traced.measured_bubble)
+    return 0
+
+
+def _print_traced(traced, run, warmup: int) -> None:
+    """The header, the prediction, the measured step time and the error of a traced run."""
+    pred, first = traced.pred, min(s for s in run.step_times if s > warmup)
+    _print_header(pred, run.conf, f"from the trace of {run.run_dir} (steps after {warmup})")
+    unlogged = traced.unlogged_update_s
+    other = "" if unlogged is None else f"; {unlogged * 1e3:.2f} ms after an unlogged one"
     print(f"predicted step time {pred.step_s * 1e3:.2f} ms (schedule {pred.result.makespan * 1e3:.2f} ms + "
           f"{pred.update_s * 1e3:.2f} ms between schedules, the median after a logged step{other})")
     print(f"measured step time {traced.measured_s * 1e3:.2f} ms (median step_time_s of the {traced.measured_steps} "
           f"logged steps from step {first} on, metrics.jsonl)")
     print(f"error {traced.error:+.1%}")
-    _print_ranks(pred, args.png, traced.measured_bubble)
-    return 0
 
 
-def _print_header(pred: Prediction, conf, costs: str) -> None:
+def _print_header(pred, conf, costs: str) -> None:
+    """The first line: schedule, model, batch, where the costs and the message latency came from."""
     plan, spec = pred.plan, pred.spec
     print(f"{plan.schedule}: p={plan.num_ranks} m={plan.num_microbatches} v={plan.virtual_stages}, model "
           f"{'-'.join(map(str, spec.dims))} {spec.dtype}, batch {conf.train.batch_size}, costs {costs}, "
           f"message latency {pred.latency_s * 1e3:.3f} ms ({pred.latency_source})")
 
 
-def _print_ranks(pred: Prediction, png: str, measured_bubble: list[float] | None = None) -> None:
+def _print_ranks(pred, png: str, measured_bubble: list[float] | None = None) -> None:
     """Per rank: the predicted bubble (and the measured one), peak stash; then draw the timeline."""
     from pipeline.trace import draw_timeline
 

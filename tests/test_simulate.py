@@ -518,10 +518,10 @@ def test_from_trace_refuses_overrides_and_a_warmup_past_the_last_logged_step(tra
 
 
 def test_measure_charges_the_latency_measured_between_two_processes(monkeypatch, tmp_path, capsys):
-    import pipeline.latency
+    import pipeline.prediction
 
-    sizes = []
-    monkeypatch.setattr(pipeline.latency, "message_latency_s", lambda nbytes: sizes.append(nbytes) or 1.234e-3)
+    sizes = []  # stands in for pipeline.latency.message_latency_s (test_a_measured_message_latency_... runs it)
+    monkeypatch.setattr(pipeline.prediction, "message_latency_s", lambda nbytes: sizes.append(nbytes) or 1.234e-3)
     code, out, _ = _simulate_cli(capsys, "--measure", "--png", str(tmp_path / "p.png"))
     assert code == 0 and sizes == [16 * 128 * 4]  # 16 rows of 128 float32 cross ranks
     assert out[0].endswith(", costs measured here, message latency 1.234 ms (measured: gloo between two "
