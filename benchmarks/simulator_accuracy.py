@@ -3,7 +3,8 @@
     python benchmarks/simulator_accuracy.py [--steps 30] [--model default|small] [--schedules ...]
 
 Two predictions per schedule, both simulated from per-stage F, B, W costs:
-  one-process profile  each stage timed alone in this process, one thread (python -m pipeline.simulate --measure)
+  one-process profile  each stage timed alone in this process, one thread, and a message timed between two
+                       processes (python -m pipeline.simulate --measure)
   traced-run profile   the costs seen in a short traced torchrun run (trace.enabled=true), where both
                        ranks share the machine as they do in training, message latency included
                        (pipeline.costs.from_trace)
@@ -30,7 +31,8 @@ import torch
 from pipeline import trace
 from pipeline.config import compose
 from pipeline.costs import from_trace
-from pipeline.simulate import Prediction, predict, simulate
+from pipeline.prediction import Prediction, predict
+from pipeline.simulate import simulate
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = {
@@ -111,11 +113,12 @@ def main() -> int:
     print("| schedule | one-process profile (ms) | traced-run profile (ms) | measured (ms) | error one-process | "
           "error traced | traced run's own step (ms) | error traced vs it | traced message latency (ms) |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
-    bubbles = []
+    bubbles, latency = [], None
     for name in args.schedules.split(","):
         extra = overrides(args.model, name, args.microbatches)
         conf = compose(extra)
-        pred = predict(conf, ranks=2, measure=True)
+        pred = predict(conf, ranks=2, measure=True, latency_s=latency)
+        latency = pred.latency_s  # every schedule here sends messages of one size: timed once
         alone = pred.step_s
         traced = traced_prediction(extra, pred, conf.train.batch_size, args.steps, args.warmup)
         bubbles.append((name, unit_bubble(pred.plan), traced.simulated_bubble, traced.measured_bubble))

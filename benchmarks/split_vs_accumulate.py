@@ -377,6 +377,16 @@ def report(args: argparse.Namespace, res: dict) -> str:
 
 
 def draw(args: argparse.Namespace, res: dict, path: Path) -> None:
+    """Draw `figure_of` to a PNG at `path`."""
+    import matplotlib.pyplot as plt
+
+    fig = figure_of(args, res)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def figure_of(args: argparse.Namespace, res: dict):
     """Left: each configuration's largest process, measured memory against step time, and the cap.
     Right: per configuration, the tensors by kind beside the measured peak (largest process)."""
     import matplotlib
@@ -393,12 +403,12 @@ def draw(args: argparse.Namespace, res: dict, path: Path) -> None:
         left.annotate(f"{row['name']}\n({row['processes']} proc., {row['rows']} rows)", (row["step_ms"],
                       max(row["training_mib"])), textcoords="offset points", xytext=(-6 if on_left else 6, 4),
                       ha="right" if on_left else "left", fontsize=8)
-    left.axhline(args.cap_mib, color="tab:red", linestyle="--", label=f"cap {args.cap_mib:g} MiB")
     left.set(xlabel="step time, ms (median)", ylabel="peak memory per process, MiB (largest process)",
              title="memory per process against step time")
-    left.set_ylim(0, 1.3 * max(max(r["training_mib"]) for r in rows))
+    cap_line(left, args.cap_mib, 1.3 * max(max(r["training_mib"]) for r in rows))
     left.set_xlim(left=0, right=1.35 * max(r["step_ms"] for r in rows))
-    left.legend(loc="lower right", fontsize=8)
+    if left.get_legend_handles_labels()[0]:
+        left.legend(loc="lower right", fontsize=8)
     kinds = (("param_bytes", "parameters"), ("grad_bytes", "gradients"), ("optimizer_bytes", "Adam state"),
              ("stash_bytes", "stashed activations"))
     xs = range(len(rows))
@@ -410,17 +420,25 @@ def draw(args: argparse.Namespace, res: dict, path: Path) -> None:
         bottom = [b + h for b, h in zip(bottom, heights)]
     right.scatter(xs, [max(r["training_mib"]) for r in rows], marker="_", s=900, color="black", zorder=3,
                   label="measured peak (VmHWM − RSS before the model)")
-    right.axhline(args.cap_mib, color="tab:red", linestyle="--", label=f"cap {args.cap_mib:g} MiB")
     right.set_xticks(list(xs), [r["name"] for r in rows], fontsize=8)
     right.set(ylabel="MiB per process (largest process)", title="what a process holds")
-    right.set_ylim(0, 1.5 * max(max(max(r["training_mib"]), max(r["tensor_mib"])) for r in rows))
+    cap_line(right, args.cap_mib, 1.5 * max(max(max(r["training_mib"]), max(r["tensor_mib"])) for r in rows))
     right.legend(fontsize=7, loc="upper left", markerscale=0.3)
     fig.suptitle(f"split or accumulate: {args.width} x {args.layers} MLP, Adam, batch {args.batch}, "
                  f"m={args.microbatches} ({res['cpus']} CPUs, one thread per process)", fontsize=10)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    return fig
+
+
+def cap_line(ax, cap_mib: float, top: float) -> None:
+    """Show 0..top MiB; draw the cap as a legend line where it falls inside, else say in a corner
+    that it is above the chart (a small model under the default cap: --quick)."""
+    ax.set_ylim(0, top)
+    if cap_mib <= top:
+        ax.axhline(cap_mib, color="tab:red", linestyle="--", label=f"cap {cap_mib:g} MiB")
+    else:
+        ax.text(0.99, 0.98, f"cap {cap_mib:g} MiB: above the chart", transform=ax.transAxes, ha="right", va="top",
+                fontsize=8, color="tab:red")
 
 
 # ------------------------------------------------------------------------------------------------

@@ -1,10 +1,12 @@
 """Validate pipeline schedules and simulate their timing symbolically (pure Python).
 
-    python -m pipeline.simulate --ranks 2 [--measure] [--png timeline.png] [OVERRIDES]
+    python -m pipeline.simulate --ranks 2 [--measure] [--latency-us US] [--png timeline.png] [OVERRIDES]
+    python -m pipeline.simulate --from-trace RUN_DIR [--warmup 5]
 
 predicts, for the configured model and schedule, the step time, each rank's bubble and its
-peak stashed micro-batches and bytes, from FLOP counts or from costs measured here, and draws
-the predicted timeline like a measured trace.
+peak stashed micro-batches and bytes, and draws the predicted timeline like a measured trace.
+The costs come from FLOP counts, from each stage timed here and a message timed between two
+processes (--measure), or from a traced run, whose measured step time is printed beside.
 """
 
 from __future__ import annotations
@@ -417,82 +419,96 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(prog="python -m pipeline.simulate", description=__doc__.splitlines()[0])
     add_arguments(parser)
-    parser.add_argument("--latency-us", type=float, default=50.0, help="per-message latency (default 50 us)")
+    parser.add_argument("--from-trace", metavar="RUN_DIR", help="take p, the config and the costs of a traced run "
+                        "(trace.enabled=true) and compare the prediction with its measured step time")
+    parser.add_argument("--warmup", type=int, default=5, help="--from-trace: the first steps left out (default 5)")
+    parser.add_argument("--latency-us", type=float, default=None, help="per-message latency in us; default: "
+                        "measured between two processes (--measure), from the trace (--from-trace), else 50")
     parser.add_argument("--bandwidth-gbs", type=float, default=2.0, help="link bandwidth in GB/s (default 2)")
     parser.add_argument("--png", default="timeline_predicted.png", help="where to draw the predicted timeline")
     args = parser.parse_args(argv)
     return run_command(_predict_command, args)
 
 
-@dataclass
-class Prediction:
-    """What the simulator expects of a configured run: step time, bubbles, stashes, the timeline."""
-
-    plan: object  # pipeline.plan.Plan
-    spec: object  # pipeline.model.MLPSpec
-    result: SimResult
-    stash_bytes: dict[int, int]
-    update_s: float  # the slowest rank's optimizer step, outside the schedule
-
-    @property
-    def step_s(self) -> float:
-        return self.result.makespan + self.update_s
-
-
-def predict(conf, ranks: int, measure: bool, latency_s: float = 5e-5, bandwidth: float = 2e9) -> Prediction:
-    """Simulate `conf` on `ranks` ranks with FLOP-count costs or costs measured in this process."""
-    from dataclasses import replace
-
-    from pipeline.costs import flop_costs, measured_costs, peak_stash_bytes, time_update
-    from pipeline.engine import make_optimizer
-    from pipeline.microbatch import sizes
-    from pipeline.model import build_layers
-    from pipeline.plan import make_plan, replica_batch
-    from pipeline.stage import Stage
-    from pipeline.trainer import load_data, model_spec
-
-    conf = replace(conf, pipeline=replace(conf.pipeline, transport="inprocess", ranks=ranks))
-    spec = model_spec(conf, load_data(conf))
-    plan = make_plan(conf, spec, 1, eval_rows=0)
-    batch = replica_batch(conf)  # one replica's rows
-    rows, stages = -(-batch // plan.num_microbatches), list(plan.stage_layers)
-    costs = measured_costs(spec, stages, rows, conf.train.seed) if measure else flop_costs(spec, stages, rows)
-    costs = replace(costs, latency_s=latency_s, bandwidth=bandwidth)
-    result = simulate(plan.train_schedule, plan.num_ranks, plan.num_microbatches, plan.virtual_stages, costs)
-    stash = peak_stash_bytes(plan.train_schedule, spec, stages, sizes(batch, plan.num_microbatches),
-                             conf.pipeline.recompute)
-    update = 0.0
-    for r in range(plan.num_ranks) if measure else ():  # the slowest rank's optimizer step ends the step
-        own = [Stage(s, plan.num_stages, build_layers(spec, 0, stages[s])) for s in plan.stages_of(r)]
-        optimizer = make_optimizer(conf, [p for st in own for p in st.parameters()])
-        update = max(update, time_update(own, optimizer, conf.loss.l2))
-    return Prediction(plan, spec, result, stash, update)
-
-
 def _predict_command(args) -> int:
+    """Predict the configured run (FLOP counts or --measure), or a traced one (--from-trace)."""
     import torch
 
     from pipeline.config import compose
-    from pipeline.errors import ConfigError
-    from pipeline.trace import draw_timeline
+    from pipeline.errors import ConfigError, UserError
+    from pipeline.prediction import predict
 
+    if args.from_trace is not None:
+        return _traced_command(args)
     if args.ranks < 1:
         raise ConfigError(f"--ranks={args.ranks} must be >= 1")
+    if args.latency_us is not None and args.latency_us < 0:
+        raise UserError(f"--latency-us={args.latency_us:g} must be >= 0")
     conf = compose(args.overrides)
     torch.set_num_threads(args.threads)
-    pred = predict(conf, args.ranks, args.measure, args.latency_us * 1e-6, args.bandwidth_gbs * 1e9)
-    plan, spec, result = pred.plan, pred.spec, pred.result
-    print(f"{plan.schedule}: p={plan.num_ranks} m={plan.num_microbatches} v={plan.virtual_stages}, model "
-          f"{'-'.join(map(str, spec.dims))} {spec.dtype}, batch {conf.train.batch_size}, costs "
-          f"{'measured here' if args.measure else 'from FLOP counts'}")
+    latency = None if args.latency_us is None else args.latency_us * 1e-6
+    pred = predict(conf, args.ranks, args.measure, latency, args.bandwidth_gbs * 1e9)
+    _print_header(pred, conf, "measured here" if args.measure else "from FLOP counts")
     print(f"predicted step time {pred.step_s * 1e3:.2f} ms "
-          f"(schedule {result.makespan * 1e3:.2f} ms + optimizer step {pred.update_s * 1e3:.2f} ms)")
-    print("rank  bubble  peak_stash  peak_stash_bytes")
-    for r in range(plan.num_ranks):
-        print(f"{r:4d}  {result.bubble[r]:6.1%}  {result.peak_stash[r]:10d}  {pred.stash_bytes[r]:16d}")
-    spans = {r: [(a * 1e3, b * 1e3, str(act)) for a, b, act in run] for r, run in result.timeline.items()}
-    print(f"timeline: {draw_timeline(spans, args.png, title=f'predicted: {plan.schedule}', unit='ms')}")
+          f"(schedule {pred.result.makespan * 1e3:.2f} ms + optimizer step {pred.update_s * 1e3:.2f} ms)")
+    _print_ranks(pred, args.png)
     return 0
+
+
+def _traced_command(args) -> int:
+    """--from-trace RUN_DIR: the run's own costs, its prediction beside its measured step time."""
+    from pipeline.errors import UserError
+    from pipeline.prediction import predict_traced
+    from pipeline.traced_run import load
+
+    if args.measure:
+        raise UserError("--from-trace takes the costs from the run's trace, --measure times them here; "
+                        "give one of the two")
+    if args.overrides:
+        raise UserError(f"--from-trace simulates the run as its .hydra/config.yaml says; drop the overrides "
+                        f"({' '.join(args.overrides)})")
+    if args.warmup < 0:
+        raise UserError(f"--warmup={args.warmup} must be >= 0")
+    run = load(args.from_trace)
+    traced = predict_traced(run, args.warmup, None if args.latency_us is None else args.latency_us * 1e-6,
+                            args.bandwidth_gbs * 1e9)
+    _print_traced(traced, run, args.warmup)
+    _print_ranks(traced.pred, args.png, traced.measured_bubble)
+    return 0
+
+
+def _print_traced(traced, run, warmup: int) -> None:
+    """The header, the prediction, the measured step time and the error of a traced run."""
+    pred, first = traced.pred, min(s for s in run.step_times if s > warmup)
+    _print_header(pred, run.conf, f"from the trace of {run.run_dir} (steps after {warmup})")
+    unlogged = traced.unlogged_update_s
+    other = "" if unlogged is None else f"; {unlogged * 1e3:.2f} ms after an unlogged one"
+    print(f"predicted step time {pred.step_s * 1e3:.2f} ms (schedule {pred.result.makespan * 1e3:.2f} ms + "
+          f"{pred.update_s * 1e3:.2f} ms between schedules, the median after a logged step{other})")
+    print(f"measured step time {traced.measured_s * 1e3:.2f} ms (median step_time_s of the {traced.measured_steps} "
+          f"logged steps from step {first} on, metrics.jsonl)")
+    print(f"error {traced.error:+.1%}")
+
+
+def _print_header(pred, conf, costs: str) -> None:
+    """The first line: schedule, model, batch, where the costs and the message latency came from."""
+    plan, spec = pred.plan, pred.spec
+    print(f"{plan.schedule}: p={plan.num_ranks} m={plan.num_microbatches} v={plan.virtual_stages}, model "
+          f"{'-'.join(map(str, spec.dims))} {spec.dtype}, batch {conf.train.batch_size}, costs {costs}, "
+          f"message latency {pred.latency_s * 1e3:.3f} ms ({pred.latency_source})")
+
+
+def _print_ranks(pred, png: str, measured_bubble: list[float] | None = None) -> None:
+    """Per rank: the predicted bubble (and the measured one), peak stash; then draw the timeline."""
+    from pipeline.trace import draw_timeline
+
+    plan, result = pred.plan, pred.result
+    print("rank  bubble  peak_stash  peak_stash_bytes" + ("  measured_bubble" if measured_bubble else ""))
+    for r in range(plan.num_ranks):
+        measured = f"  {measured_bubble[r]:15.1%}" if measured_bubble else ""
+        print(f"{r:4d}  {result.bubble[r]:6.1%}  {result.peak_stash[r]:10d}  {pred.stash_bytes[r]:16d}{measured}")
+    spans = {r: [(a * 1e3, b * 1e3, str(act)) for a, b, act in run] for r, run in result.timeline.items()}
+    print(f"timeline: {draw_timeline(spans, png, title=f'predicted: {plan.schedule}', unit='ms')}")
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import re
 import shlex
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -182,12 +183,59 @@ def test_multi_node_refuses_a_bad_variable_in_one_line_without_starting(fake_bin
     assert line.startswith(f"error: {key}={value} must be") and "e.g." in line
 
 
-def test_single_node_runs_a_standalone_torchrun(fake_bin):
-    result = _run(["launch/single_node.sh", "3", "pipeline.schedule=gpipe", "train.steps=5"], fake_bin)
+@pytest.fixture
+def checkout(tmp_path: Path) -> Path:
+    """A copy of launch/single_node.sh in a repository of its own, so that this checkout's .venv
+    (the one .ci/run makes) never decides which torchrun runs; empty/ is a PATH with nothing on it."""
+    repo = tmp_path / "repo"
+    (repo / "launch").mkdir(parents=True)
+    (repo / "empty").mkdir()
+    (repo / "launch" / "single_node.sh").write_text((LAUNCH / "single_node.sh").read_text())
+    return repo
+
+
+def _fake_torchrun(bin_dir: Path, label: str) -> str:
+    """A torchrun that prints `label` and its arguments, one per line, needing nothing on PATH."""
+    bin_dir.mkdir(parents=True, exist_ok=True)
+    path = bin_dir / "torchrun"
+    path.write_text(f'#!{shutil.which("bash")}\necho {label}; for a in "$@"; do echo "$a"; done\n')
+    path.chmod(0o755)
+    return str(bin_dir)
+
+
+def _single_node(cwd: Path, path: str, *args: str, script: str = "launch/single_node.sh") -> subprocess.CompletedProcess:
+    """Run the copied script with exactly this PATH."""
+    return subprocess.run([shutil.which("bash"), script, *args], cwd=cwd, env={"PATH": path},
+                          capture_output=True, text=True, timeout=30)
+
+
+def test_single_node_runs_a_standalone_torchrun(checkout):
+    on_path = _fake_torchrun(checkout / "bin", "torchrun")
+    result = _single_node(checkout, on_path, "3", "pipeline.schedule=gpipe", "train.steps=5")
     assert result.stdout.splitlines() == ["torchrun", "--standalone", "--nproc-per-node=3", "-m", "pipeline.train",
                                           "pipeline.schedule=gpipe", "train.steps=5"]
-    result = _run(["launch/single_node.sh"], fake_bin)
+    result = _single_node(checkout, on_path)
     assert result.stdout.splitlines() == ["torchrun", "--standalone", "--nproc-per-node=2", "-m", "pipeline.train"]
+
+
+def test_single_node_prefers_the_quickstarts_venv_over_path(checkout):
+    _fake_torchrun(checkout / ".venv" / "bin", "venv-torchrun")
+    on_path = _fake_torchrun(checkout / "bin", "torchrun")
+    for path in (str(checkout / "empty"), on_path):  # found without torchrun on PATH, and chosen over one there
+        result = _single_node(checkout, path, "2", "train.steps=5")
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.splitlines() == ["venv-torchrun", "--standalone", "--nproc-per-node=2", "-m",
+                                              "pipeline.train", "train.steps=5"]
+    result = _single_node(checkout / "launch", str(checkout / "empty"), script="single_node.sh")
+    assert result.stdout.splitlines()[0] == "venv-torchrun", result.stderr  # started from inside launch/
+
+
+def test_single_node_without_any_torchrun_says_what_to_do(checkout):
+    result = _single_node(checkout, str(checkout / "empty"), "2")
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.splitlines() == [
+        f"error: torchrun not found: no {checkout}/.venv/bin/torchrun and none on PATH; run the quickstart's "
+        "first command (it installs .venv) or activate the environment that has torch"]
 
 
 def test_slurm_script_parses():

@@ -125,3 +125,13 @@ def test_cli_error_is_one_line_without_traceback(tmp_path):
     assert done.returncode == 2
     assert done.stdout == ""
     assert done.stderr == f"error: {tmp_path / 'absent'}: no such run directory\n"
+
+
+def test_the_readme_names_every_png_the_report_can_write(run, tmp_path, capsys):
+    _write(tmp_path / "traced", [_train_row(step, bubble=True) for step in (1, 2, 3)])
+    assert main([str(run)]) == 0 and main([str(tmp_path / "traced")]) == 0
+    written = {Path(line).name for line in capsys.readouterr().out.splitlines()}
+    assert written >= {"throughput.png", "bubble.png", "report.png"}
+    report = next(line for line in (Path(__file__).resolve().parents[1] / "README.md").read_text().split("\n- ")
+                  if line.startswith("**Report.**"))
+    assert sorted(name for name in written if f"`{name}`" not in report) == []

@@ -375,3 +375,190 @@ def test_schedule_error_survives_pickling() -> None:
     error = _error({0: _acts("0F0")}, 1, 1)
     copy = pickle.loads(pickle.dumps(error))
     assert isinstance(copy, ScheduleError) and str(copy) == str(error)
+
+
+# --- predictions from a traced run and a measured message latency ---------------------------
+
+TRACED = ("data=synthetic", "data.n=200", "data.dim=8", "data.classes=3", "model.hidden=[16,16,16]",
+          "train.batch_size=16", "pipeline.microbatches=4", "pipeline.transport=inprocess", "pipeline.ranks=2",
+          "train.steps=8", "train.log_every=2", "train.eval_every=8", "trace.enabled=true")
+
+
+@pytest.fixture(scope="module")
+def traced_run(tmp_path_factory):
+    """A traced two-rank run (one process) with the .hydra/config.yaml Hydra writes beside it."""
+    import contextlib
+    import io
+
+    import torch
+    from omegaconf import OmegaConf
+
+    from pipeline.config import parse
+    from pipeline.trainer import train
+    from tests.conftest import make_cfg
+
+    run_dir = tmp_path_factory.mktemp("traced")
+    cfg = make_cfg(*TRACED)
+    (run_dir / ".hydra").mkdir()
+    OmegaConf.save(cfg, run_dir / ".hydra" / "config.yaml")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as torchrun gives each rank; more threads crawl on a busy machine
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            train(parse(cfg), run_dir)
+    finally:
+        torch.set_num_threads(threads)
+    return run_dir
+
+
+def _simulate_cli(capsys, *argv: str) -> tuple[int, list[str], list[str]]:
+    """(exit code, stdout lines, stderr lines) of `python -m pipeline.simulate ARGV`, run here."""
+    from pipeline.simulate import main
+
+    try:
+        code = main(list(argv))
+    except SystemExit as stop:
+        code = stop.code
+    out, err = capsys.readouterr()
+    return code, out.splitlines(), err.splitlines()
+
+
+def test_from_trace_prints_the_prediction_beside_the_measured_step_time(traced_run, tmp_path, capsys):
+    import json
+    import statistics
+
+    code, out, err = _simulate_cli(capsys, "--from-trace", str(traced_run), "--warmup", "2",
+                                   "--png", str(tmp_path / "p.png"))
+    assert code == 0, err
+    assert out[0].startswith(f"1f1b: p=2 m=4 v=1, model 8-16-16-16-3 float32, batch 16, costs from the trace of "
+                             f"{traced_run} (steps after 2), message latency ")
+    rows = [json.loads(line) for line in (traced_run / "metrics.jsonl").read_text().splitlines()]
+    logged = [r["step_time_s"] for r in rows if "step_time_s" in r and r["step"] > 2]  # steps 4, 6, 8
+    assert len(logged) == 3
+    measured = statistics.median(logged) * 1e3
+    assert out[2] == (f"measured step time {measured:.2f} ms (median step_time_s of the 3 logged steps from "
+                      "step 4 on, metrics.jsonl)")
+    predicted = float(out[1].split()[3])
+    assert out[1].startswith("predicted step time ") and predicted > 0
+    assert "ms after an unlogged one" in out[1]  # steps 3, 5 and 7 were not logged
+    assert out[3].startswith("error ") and out[3].endswith("%")
+    error = float(out[3].split()[1].rstrip("%"))  # from unrounded times: 0.1 point of rounding either way
+    assert error == pytest.approx(100 * (predicted - measured) / measured, abs=0.15)
+    assert out[4].split() == ["rank", "bubble", "peak_stash", "peak_stash_bytes", "measured_bubble"]
+    assert [line.split()[0] for line in out[5:7]] == ["0", "1"] and (tmp_path / "p.png").is_file()
+
+
+def test_a_trace_json_reads_back_as_the_events_it_was_written_from(traced_run):
+    from pipeline import trace
+    from pipeline.traced_run import read_events
+
+    written = trace.load_ranks(traced_run)  # the per-rank files trace.json was merged from, in ns
+    read = read_events(traced_run / "trace.json")
+    origin = min(e.start_ns for evs in written.values() for e in evs)
+    assert sorted(read) == sorted(written) == [0, 1]
+    for rank, events in written.items():
+        shifted = sorted(((e.step, e.name, e.start_ns - origin, e.end_ns - origin) for e in events),
+                         key=lambda e: e[2])
+        assert [tuple(e) for e in read[rank]] == shifted
+
+
+def _one_error_line(capsys, *argv: str) -> str:
+    code, out, err = _simulate_cli(capsys, *argv)
+    assert code == 2 and len(err) == 1, (code, err)
+    return err[0]
+
+
+def test_from_trace_of_a_missing_directory(tmp_path, capsys):
+    missing = tmp_path / "nope"
+    assert _one_error_line(capsys, "--from-trace", str(missing)) == (
+        f"error: {missing}: no such run directory; give the hydra.run.dir of a traced run")
+
+
+def test_from_trace_of_an_untraced_run(traced_run, tmp_path, capsys):
+    import shutil
+
+    untraced = tmp_path / "untraced"
+    shutil.copytree(traced_run, untraced)
+    (untraced / "trace.json").unlink()
+    assert _one_error_line(capsys, "--from-trace", str(untraced)) == (
+        f"error: {untraced} has no trace.json, so the run was not traced; rerun with trace.enabled=true")
+
+
+@pytest.mark.parametrize("text, detail", [
+    ('{"traceEvents": [{"ph": "X", "pid": 0, "na', "JSONDecodeError"),  # cut short
+    ('{"traceEvents": [{"ph": "X", "pid": 0, "name": "0F0", "ts": 1, "dur": 2}]}', "KeyError: 'args'"),
+    ('{"traceEvents": [{"ph": "X", "pid": 0, "name": "hello", "ts": 1, "dur": 2, "args": {"step": 1}}]}',
+     "ValueError"),
+    ('[1, 2, 3]', "TypeError"),
+])
+def test_from_trace_of_a_damaged_trace(tmp_path, capsys, text, detail):
+    (tmp_path / "trace.json").write_text(text)
+    line = _one_error_line(capsys, "--from-trace", str(tmp_path))
+    assert line.startswith(f"error: {tmp_path / 'trace.json'} is damaged (") and detail in line
+    assert line.endswith("; rerun with trace.enabled=true")
+
+
+def test_a_trace_without_actions_is_refused(tmp_path, capsys):
+    (tmp_path / "trace.json").write_text('{"traceEvents": []}')
+    assert _one_error_line(capsys, "--from-trace", str(tmp_path)) == (
+        f"error: {tmp_path / 'trace.json'} holds no actions; rerun with trace.enabled=true")
+
+
+def test_from_trace_and_measure_together_are_refused(traced_run, capsys):
+    assert _one_error_line(capsys, "--from-trace", str(traced_run), "--measure") == (
+        "error: --from-trace takes the costs from the run's trace, --measure times them here; give one of the two")
+
+
+def test_from_trace_refuses_overrides_and_a_warmup_past_the_last_logged_step(traced_run, capsys):
+    assert _one_error_line(capsys, "--from-trace", str(traced_run), "pipeline.schedule=gpipe") == (
+        "error: --from-trace simulates the run as its .hydra/config.yaml says; drop the overrides "
+        "(pipeline.schedule=gpipe)")
+    assert _one_error_line(capsys, "--from-trace", str(traced_run), "--warmup", "8").startswith(
+        f"error: {traced_run}/trace.json has no F of stage 0 after step 8")
+
+
+def test_measure_charges_the_latency_measured_between_two_processes(monkeypatch, tmp_path, capsys):
+    import pipeline.prediction
+
+    sizes = []  # stands in for pipeline.latency.message_latency_s (test_a_measured_message_latency_... runs it)
+    monkeypatch.setattr(pipeline.prediction, "message_latency_s", lambda nbytes: sizes.append(nbytes) or 1.234e-3)
+    code, out, _ = _simulate_cli(capsys, "--measure", "--png", str(tmp_path / "p.png"))
+    assert code == 0 and sizes == [16 * 128 * 4]  # 16 rows of 128 float32 cross ranks
+    assert out[0].endswith(", costs measured here, message latency 1.234 ms (measured: gloo between two "
+                           "processes, 8 KiB, sender busy)")
+    code, out, _ = _simulate_cli(capsys, "--measure", "--latency-us", "500", "--png", str(tmp_path / "p.png"))
+    assert code == 0 and sizes == [8192]  # --latency-us: nothing measured
+    assert out[0].endswith("message latency 0.500 ms (given)")
+
+
+def test_a_measured_message_latency_is_positive_and_finite():
+    import math
+
+    from pipeline.latency import measure
+
+    (small,) = measure([8192], iters=5, repeats=1, busy_trials=3, timeout_s=50)
+    assert small.nbytes == 8192
+    for seconds in (small.pingpong_s, small.busy_s, small.busy_mean_s, small.busy_p90_s):
+        assert math.isfinite(seconds) and 0 < seconds < 10
+    assert small.busy_s <= small.busy_p90_s
+
+
+def test_the_trace_latency_is_the_mean_over_receives_that_waited():
+    from pipeline.costs import message_latency
+    from pipeline.runtime import TraceEvent
+
+    events = {0: [TraceEvent(2, "0SEND_F0", 1_000, 1_010), TraceEvent(2, "0SEND_F1", 3_000, 3_010),
+                  TraceEvent(2, "0SEND_F2", 5_000, 5_010)],
+              1: [TraceEvent(2, "1RECV_F0", 900, 1_300), TraceEvent(2, "1RECV_F1", 2_000, 3_500),
+                  TraceEvent(2, "1RECV_F2", 4_000, 6_300)]}  # 300, 500 and 1300 ns
+    assert message_latency(events) == pytest.approx(700e-9)  # the median would say 500
+
+
+def test_step_gaps_are_per_step_and_per_rank():
+    from pipeline.costs import step_gaps
+    from pipeline.runtime import TraceEvent
+
+    events = {0: [TraceEvent(1, "0F0", 0, 10), TraceEvent(2, "0F0", 30, 40), TraceEvent(3, "0F0", 45, 50)],
+              1: [TraceEvent(2, "1F0", 10, 20), TraceEvent(3, "1F0", 120, 130)]}
+    assert step_gaps(events, skip_steps=0) == {1: [20e-9], 2: [5e-9, 100e-9]}
+    assert step_gaps(events, skip_steps=1) == {2: [5e-9, 100e-9]}

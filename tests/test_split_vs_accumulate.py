@@ -83,3 +83,32 @@ def test_bad_input_is_one_line_and_exit_code_2(argv, names):
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"error: {names}"), result.stderr
+
+
+def _plotted_row(name: str, kind: str, processes: int, peak_mib: float) -> dict:
+    """One configuration as summarise() reports it, with only what the plot reads."""
+    parts = {key: [0.05] * processes for key in ("param_bytes", "grad_bytes", "optimizer_bytes", "stash_bytes")}
+    return {"name": name, "kind": kind, "processes": processes, "m": 4, "rows": "4", "step_ms": 20.0,
+            "training_mib": [peak_mib] * processes, "tensor_mib": [0.2] * processes, "parts_mib": parts}
+
+
+@pytest.mark.parametrize("cap, on_chart", [(160.0, False), (5.0, True)])  # --quick's peaks are ~5 MiB
+def test_the_legend_names_the_cap_only_where_the_chart_shows_it(cap, on_chart):
+    import matplotlib.pyplot as plt
+
+    study = load_study()
+    args = study.parse_args(["--quick", "--cap-mib", str(cap)])
+    res = {"rows": [_plotted_row("pipeline p=2", "pipeline", 2, 5.4),
+                    _plotted_row("accumulate m=4", "accumulate", 1, 4.6)], "cpus": 2}
+    fig = study.figure_of(args, res)
+    try:
+        for ax in fig.axes:
+            legend = [t.get_text() for t in ax.get_legend().get_texts()] if ax.get_legend() else []
+            assert any(text.startswith("cap ") for text in legend) == on_chart, legend
+            low, high = ax.get_ylim()
+            caps = [line for line in ax.get_lines() if line.get_label().startswith("cap ")]
+            assert len(caps) == on_chart and all(low <= line.get_ydata()[0] <= high for line in caps)
+            notes = [t.get_text() for t in ax.texts if "above the chart" in t.get_text()]
+            assert notes == ([] if on_chart else [f"cap {cap:g} MiB: above the chart"])
+    finally:
+        plt.close(fig)
