@@ -3,29 +3,37 @@
     RUN_DIR/checkpoints/step_00000600/stage_000.pt    one per stage, written by the rank that holds it:
         {"step", "stage_index", "layers": {"0": {"weight", "bias"}},
          "optimizer": {"0": {"weight": {"momentum_buffer"} or {"step", "exp_avg", "exp_avg_sq"}, "bias": ...}},
-         "rng": torch.get_rng_state(), "sampler_step": 600}
-                                     /checkpoint.json  {"step", "num_stages", "stage_layers", "dims", ...}
+         "rng": torch.get_rng_state(), "sampler_step": 600, "fingerprint"}
+                                     /checkpoint.json  {"step", "num_stages", "stage_layers", "dims", ...,
+                                                        "math": {"model.activation": "relu", ...}, "fingerprint"}
                                                        written last, by rank 0, once every shard is on disk
     RUN_DIR/checkpoints/latest                         "step_00000600", replaced atomically
 
-A step directory is complete when it has checkpoint.json. Only tensors and plain values are stored;
+A step directory is complete when it has checkpoint.json. `math` is what defines the function being
+trained (math_record); its fingerprint, a short hash, is in every shard too, so a shard of another run
+at the same step is refused like a damaged one. Only tensors and plain values are stored;
 everything is read back with weights_only=True. The batch sampler is a pure function of (seed, step),
 so the step is all the data position there is.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
 
 import torch
 from torch import Tensor
 
 from pipeline.errors import UserError
+
+if TYPE_CHECKING:
+    from pipeline.config import Config
+    from pipeline.model import MLPSpec
 
 STEP_PREFIX = "step_"
 META = "checkpoint.json"
@@ -58,6 +66,27 @@ def shard_name(stage_index: int) -> str:
     return f"stage_{stage_index:03d}.pt"
 
 
+def math_record(conf: Config, spec: MLPSpec) -> dict[str, Any]:
+    """What defines the function a run trains, key by key as the user writes it: a resume that changes
+    any of these would continue another model's training. checkpoint.json records it."""
+    d = conf.data
+    held_out = {"data.test_fraction": d.test_fraction, "data.split_seed": d.split_seed} if d.test_fraction else {}
+    sources = {"npz": {"data.path": str(Path(d.path).resolve()) if d.path else None, **held_out},
+               "synthetic": {"data.n": d.n, "data.dim": d.dim, "data.classes": d.classes, "data.noise": d.noise,
+                             "data.seed": d.seed, "data.test_fraction": d.test_fraction},
+               "digits": {"data.split_seed": d.split_seed, "data.test_fraction": d.test_fraction}}
+    record = {"model.activation": spec.activation, "model.dtype": spec.dtype, "model.bias": spec.bias,
+              "dims": list(spec.dims), "loss.name": conf.loss.name, "loss.l2": conf.loss.l2, "data.name": d.name,
+              **sources.get(d.name, {}), "data.standardize": d.standardize,
+              "train.seed": conf.train.seed}
+    return {k: v for k, v in record.items() if v is not None}  # None: a key this version does not have
+
+
+def fingerprint(record: dict[str, Any]) -> str:
+    """A short hash of a math record: every shard carries its run's, so a foreign shard is noticed."""
+    return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def _fsync_dir(path: Path) -> None:
     """Make a rename in `path` durable; some file systems cannot open a directory, which is fine."""
     try:
@@ -83,16 +112,19 @@ def _atomic_write_bytes(path: Path, write) -> None:
     _fsync_dir(path.parent)
 
 
-def stage_shard(step: int, stage, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """A stage's shard: weights and optimizer state per (global layer index, parameter name)."""
+def stage_shard(step: int, stage, optimizer: torch.optim.Optimizer,
+                fingerprint: str | None = None) -> dict[str, Any]:
+    """A stage's shard: weights and optimizer state per (global layer index, parameter name), and the
+    fingerprint of the run's math record."""
     layers, state = {}, {}
     for layer in stage.layers:
         named = layer.named_parameters()
         layers[str(layer.index)] = dict(named)
         state[str(layer.index)] = {name: {k: v for k, v in optimizer.state.get(p, {}).items() if torch.is_tensor(v)}
                                    for name, p in named}
-    return {"step": step, "stage_index": stage.stage_index, "layers": layers, "optimizer": state,
-            "rng": torch.get_rng_state(), "sampler_step": step}
+    shard = {"step": step, "stage_index": stage.stage_index, "layers": layers, "optimizer": state,
+             "rng": torch.get_rng_state(), "sampler_step": step}
+    return {**shard, "fingerprint": fingerprint} if fingerprint else shard
 
 
 def save_shards(run_dir: str | Path, step: int, shards: Iterable[dict[str, Any]]) -> None:
@@ -192,6 +224,14 @@ def _load_shard(path: Path, step: int, stage_index: int) -> dict[str, Any]:
     return shard
 
 
+def _check_fingerprint(path: Path, shard: dict, meta: dict[str, Any]) -> None:
+    """A shard of another run (another seed, model or data) at the same step is not this checkpoint's."""
+    expected = meta.get("fingerprint")
+    if expected is not None and shard.get("fingerprint") != expected:  # older checkpoints record none
+        raise DamagedCheckpoint(f"{path}: written by another run (fingerprint {shard.get('fingerprint')}, "
+                                f"checkpoint.json has {expected})", shard["stage_index"])
+
+
 def _check_layer(path: Path, shard: dict, index: int, meta: dict[str, Any], optimizer: bool) -> None:
     """The layer's weight (and bias) have the shapes of the model in checkpoint.json; its state is there."""
     def damaged(what: str) -> DamagedCheckpoint:
@@ -207,12 +247,22 @@ def _check_layer(path: Path, shard: dict, index: int, meta: dict[str, Any], opti
     for name, shape in expected.items():
         if not torch.is_tensor(params.get(name)) or tuple(params[name].shape) != shape:
             raise damaged(f"layer {index} {name} is missing or not of shape {list(shape)}")
+    if not _finite(params):
+        raise damaged(f"layer {index} holds NaN or inf weights")
     if optimizer:
         state = _entry(shard, "optimizer", key)
         if not isinstance(state, dict) or set(state) != set(params):
             raise damaged(f"the optimizer state of layer {index} is missing")
+        if not all(isinstance(v, dict) and _finite(v) for v in state.values()):
+            raise damaged(f"the optimizer state of layer {index} holds NaN or inf")
         if not torch.is_tensor(shard.get("rng")):
             raise damaged("the RNG state is missing")
+
+
+def _finite(tensors: dict) -> bool:
+    """No NaN or inf in any floating-point tensor of `tensors` (a NaN weight would only fail steps later)."""
+    floats = [t for t in tensors.values() if torch.is_tensor(t) and t.is_floating_point()]
+    return all(bool(torch.isfinite(t).all()) for t in floats)
 
 
 def _entry(shard: dict, section: str, key: str) -> Any:
@@ -237,6 +287,7 @@ def read_state(run_dir: str | Path, step: int, layers: Iterable[int], meta: dict
     for s in shards_for(meta, wanted):
         path = step_dir(run_dir, step) / shard_name(s)
         shard = _load_shard(path, step, s)
+        _check_fingerprint(path, shard, meta)
         for index in wanted.intersection(meta["stage_layers"][s]):
             _check_layer(path, shard, index, meta, optimizer)
             state.params[index] = shard["layers"][str(index)]

@@ -20,6 +20,7 @@ all-reduce per stage and step does.
 
 from __future__ import annotations
 
+import itertools
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -185,6 +186,9 @@ def plan_devices(env: Env, transport: str, conf: DistConfig) -> tuple[torch.devi
     return device, backend_for(conf.backend, device) if distributed else None
 
 
+_JOINS = itertools.count()  # process groups this process has joined
+
+
 def _store(env: Env, timeout: timedelta) -> dist.Store:
     """The rendezvous store, its keys prefixed with torchrun's restart count.
 
@@ -194,7 +198,9 @@ def _store(env: Env, timeout: timedelta) -> dist.Store:
     agent_hosts = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
     store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), env.world_size,
                           is_master=env.rank == 0 and not agent_hosts, timeout=timeout)
-    return dist.PrefixStore(f"pipeline/restart{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+    # a process that joins twice (each job of a Hydra multirun) must not read its first group's keys either
+    restart, join = os.environ.get('TORCHELASTIC_RESTART_COUNT', '0'), next(_JOINS)
+    return dist.PrefixStore(f"pipeline/restart{restart}/join{join}", store)
 
 
 def _join(env: Env, backend: str, conf: DistConfig) -> None:

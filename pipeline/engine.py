@@ -176,7 +176,8 @@ class Engine:
         """Every rank of replica 0 writes its stages' shards (the replicas hold the same state);
         once all have, global rank 0 marks the checkpoint complete."""
         if self.comm.writes_results:
-            shards = [checkpoint.stage_shard(step, self.stages[s], self.optimizers[r])
+            mark = checkpoint.fingerprint(checkpoint.math_record(self.conf, self.spec))
+            shards = [checkpoint.stage_shard(step, self.stages[s], self.optimizers[r], mark)
                       for r in self.comm.local_ranks for s in self.plan.stages_of(r)]
             checkpoint.save_shards(run_dir, step, shards)
         self.comm.barrier(f"checkpoint {step}")
@@ -185,12 +186,14 @@ class Engine:
             checkpoint.prune(run_dir, self.conf.checkpoint.keep, step)
 
     def checkpoint_meta(self) -> dict:
-        """What checkpoint.json records besides the step: the layout that wrote it and the model it fits."""
+        """What checkpoint.json records besides the step: the layout that wrote it, the model it fits, and
+        the math that a resume must not change (with its fingerprint, which every shard carries too)."""
+        math = checkpoint.math_record(self.conf, self.spec)
         return {"num_stages": self.plan.num_stages, "num_layers": self.spec.num_layers,
                 "stage_layers": [[r.start, r.stop] for r in self.plan.stage_layers], "num_ranks": self.plan.num_ranks,
                 "virtual_stages": self.plan.virtual_stages, "dims": list(self.spec.dims), "bias": self.spec.bias,
                 "dtype": self.spec.dtype, "optimizer": self.conf.optim.name, "replicas": self.comm.num_replicas,
-                "input_scaling": self.input_scaling}
+                "input_scaling": self.input_scaling, "math": math, "fingerprint": checkpoint.fingerprint(math)}
 
     def local_layers(self) -> list[int]:
         return sorted(layer.index for stage in self.stages.values() for layer in stage.layers)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -39,7 +40,10 @@ def _check_checkpoint_fits(conf: Config, spec: MLPSpec, run_dir: Path, steps: li
             meta = checkpoint.read_meta(run_dir, step)
         except DamagedCheckpoint:
             continue
-        if tuple(meta.get("dims", ())) != spec.dims or meta.get("bias") != spec.bias:
+        shape = tuple(meta.get("dims", ())) == spec.dims
+        if shape:  # the same widths: name the key that differs (model.bias, model.activation, ...)
+            _check_same_math(meta.get("math", {}), checkpoint.math_record(conf, spec), run_dir, step)
+        if not shape or meta.get("bias") != spec.bias:  # also checkpoints older than their math record
             raise ConfigError(f"{run_dir}: the checkpoint of step {step} holds a model of widths {meta.get('dims')} "
                               f"(bias {meta.get('bias')}) but model.* gives {list(spec.dims)} (bias {spec.bias}); "
                               "use the same model or a new hydra.run.dir")
@@ -48,6 +52,21 @@ def _check_checkpoint_fits(conf: Config, spec: MLPSpec, run_dir: Path, steps: li
                               f"{meta.get('optimizer')} but this run uses optim={conf.optim.name}; use optim="
                               f"{meta.get('optimizer')} or a new hydra.run.dir")
         return
+
+
+def _check_same_math(saved: dict, ours: dict, run_dir: Path, step: int) -> None:
+    """Every key the checkpoint records (older ones record fewer) must be what this run has."""
+    for key, value in saved.items():
+        if key in ours and ours[key] != value:
+            fix = f"data={value}" if key == "data.name" else f"{key}={_shown(value)}"  # data is a config group
+            raise ConfigError(f"train.resume: the checkpoint of step {step} in {run_dir} was trained with "
+                              f"{key}={_shown(value)} but this run has {key}={_shown(ours[key])}; resuming would "
+                              f"change the math: use {fix} or a new hydra.run.dir")
+
+
+def _shown(value) -> str:
+    """A value as it is written on the command line (true, [6,5], relu)."""
+    return value if isinstance(value, str) else json.dumps(value, separators=(",", ":"))
 
 
 def resume(conf: Config, engine: Engine, run_dir: Path, candidates: list[int]) -> int | None:

@@ -12,30 +12,23 @@ from __future__ import annotations
 
 import signal
 import sys
-import time
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
+from pipeline import rundir
 from pipeline.distributed import read_env
 from pipeline.errors import EXIT_FAILURE, EXIT_USER_ERROR, UserError, exit_with
 
 
-def run_dir_name() -> str:
-    """runs/DATE/torchrun-ID for a torchrun job (the same on every rank), else runs/DATE/TIME."""
-    env = read_env()
-    if env.run_id:
-        return f"runs/{time.strftime('%Y-%m-%d')}/torchrun-{env.run_id}"
-    return time.strftime("runs/%Y-%m-%d/%H-%M-%S")
-
-
-def hydra_subdir() -> str | None:
-    return ".hydra" if read_env().rank == 0 else None
+def run_dir_name(root: str = "runs") -> str:
+    """ROOT/DATE/HH-MM-SS-PID for one process, ROOT/DATE/torchrun-ID for a torchrun job (the same on every
+    rank); hydra.run.dir (ROOT=runs) and hydra.sweep.dir (ROOT=multirun) both come from it (see rundir)."""
+    return rundir.default_dir(root)
 
 
 OmegaConf.register_new_resolver("pipeline_run_dir", run_dir_name, replace=True)
-OmegaConf.register_new_resolver("pipeline_hydra_subdir", hydra_subdir, replace=True)
 _task_started = False
 
 

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
-from pipeline import config, data as datasets
+from pipeline import config, data as datasets, rundir
 from pipeline.config import Config
 from pipeline.distributed import Env, connect, plan_devices, read_env
 from pipeline.engine import Engine
@@ -127,16 +127,18 @@ def train(cfg: DictConfig | Config, run_dir: str | Path) -> dict[str, Any]:
         for schedule in (plan.train_schedule, plan.eval_schedule):
             check_in_order(schedule, plan.num_ranks)
     check_run_dir(run_dir)
-    candidates = resume_candidates(conf, spec, Path(run_dir))
-    torch.manual_seed(conf.train.seed)
-
-    with connect(env, plan.num_ranks, conf.pipeline.transport, conf.dist) as comm:
-        if conf.pipeline.partition == "time":
-            plan = retime(plan, spec, conf, comm.mean_list)
-        engine = Engine(conf, spec, plan, comm)
-        engine.input_scaling = datasets.scaling_record(data)  # checkpoint.json keeps it for export
-        resumed = resume(conf, engine, Path(run_dir), candidates)
-        return _fit(conf, spec, engine, data, test_rows, Path(run_dir), resumed)
+    with rundir.hold(run_dir, env):  # before anything is written: another live run there is refused
+        candidates = resume_candidates(conf, spec, Path(run_dir))
+        torch.manual_seed(conf.train.seed)
+        with connect(env, plan.num_ranks, conf.pipeline.transport, conf.dist) as comm:
+            if conf.pipeline.partition == "time":
+                plan = retime(plan, spec, conf, comm.mean_list)
+            engine = Engine(conf, spec, plan, comm)
+            engine.input_scaling = datasets.scaling_record(data)  # checkpoint.json keeps it for export
+            resumed = resume(conf, engine, Path(run_dir), candidates)
+            if comm.is_root:
+                rundir.record_segment(run_dir, cfg, resumed, env.world_size)
+            return _fit(conf, spec, engine, data, test_rows, Path(run_dir), resumed)
 
 
 class NonFiniteLoss(Exception):

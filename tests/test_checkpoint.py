@@ -3,6 +3,7 @@
 import json
 import os
 import re
+import shutil
 
 import pytest
 import torch
@@ -78,12 +79,22 @@ def damage(path, how):
         shard = torch.load(path, weights_only=True)
         del shard["layers"]["4"]
         torch.save(shard, path)
+    elif how == "NaN weights":
+        shard = torch.load(path, weights_only=True)
+        shard["layers"]["6"]["weight"][0, 0] = float("nan")
+        torch.save(shard, path)
+    elif how == "inf momentum":
+        shard = torch.load(path, weights_only=True)
+        shard["optimizer"]["7"]["bias"]["momentum_buffer"][1] = float("inf")
+        torch.save(shard, path)
 
 
 DAMAGES = [("stage_001.pt", "truncated", "cannot be read ("),
            ("stage_001.pt", "garbage", "cannot be read (UnpicklingError"),
            ("stage_001.pt", "no optimizer state", "the optimizer state of layer 5 is missing"),
            ("stage_001.pt", "no layer", "layer 4 is missing"),
+           ("stage_001.pt", "NaN weights", "layer 6 holds NaN or inf weights"),
+           ("stage_001.pt", "inf momentum", "the optimizer state of layer 7 holds NaN or inf"),
            ("checkpoint.json", "garbage", "cannot be read (JSONDecodeError")]
 
 
@@ -102,6 +113,24 @@ def test_a_damaged_checkpoint_is_reported_in_one_line_and_the_previous_one_is_us
     assert lines[0].endswith("; trying the previous checkpoint")
     assert summary["resumed_from"] == 5 and checkpoint.complete_steps(parts) == [5, 14]
     assert identical(final(parts), whole)
+
+
+def test_a_same_step_shard_of_another_run_is_skipped_like_a_damaged_one(tmp_path, capsys, uninterrupted):
+    whole, _ = uninterrupted(*SGD, *layout(2, 1), "train.steps=14")
+    parts, other = tmp_path / "parts", tmp_path / "seed1"
+    run(parts, *SGD, *layout(2, 1), "train.steps=10", "checkpoint.every=5")
+    run(other, *SGD, *layout(2, 1), "train.steps=10", "checkpoint.every=5", "train.seed=1")
+    path = checkpoint.step_dir(parts, 10) / "stage_001.pt"
+    shutil.copyfile(checkpoint.step_dir(other, 10) / "stage_001.pt", path)  # the right step, the wrong run
+    ours, theirs = (json.loads((checkpoint.step_dir(d, 10) / "checkpoint.json").read_text())["fingerprint"]
+                    for d in (parts, other))
+    capsys.readouterr()
+    summary = run(parts, *SGD, *layout(2, 1), "train.steps=14")
+    lines = capsys.readouterr().err.strip().splitlines()
+    print(*lines)
+    assert lines == [f"warning: {path}: written by another run (fingerprint {theirs}, checkpoint.json has {ours}); "
+                     "trying the previous checkpoint"]
+    assert summary["resumed_from"] == 5 and identical(final(parts), whole)
 
 
 def test_resuming_a_named_step_that_is_damaged_is_an_error(tmp_path, capsys):

@@ -2,6 +2,7 @@
 after a SIGKILL under torchrun's restarts too; train.resume's refusals; a NaN loss stops every rank."""
 
 import contextlib
+import dataclasses
 import io
 import json
 import os
@@ -14,10 +15,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline import checkpoint
+from pipeline import checkpoint, config
 from pipeline.errors import ConfigError
+from pipeline.model import MLPSpec
 from pipeline.trainer import NonFiniteLoss, train
-from tests.conftest import make_cfg
+from tests.conftest import make_cfg, write_npz
 from tests.launch import ROOT, kill, start, wait
 
 pytestmark = pytest.mark.timeout(120)
@@ -157,6 +159,84 @@ def test_impossible_resumes_are_refused_before_any_work(overrides, message, tmp_
     with pytest.raises(ConfigError) as err:
         run(tmp_path, *optim, "train.steps=6", *overrides)
     assert message.format(run=tmp_path, ckpt=tmp_path / "checkpoints") in str(err.value)
+
+
+MATH_CHANGES = [  # SMALL trains tanh, float64, with bias, cross_entropy, l2 0.05 on synthetic data of seed 0
+    ("model.activation=sigmoid", "model.activation=tanh but this run has model.activation=sigmoid"),
+    ("model.dtype=float32", "model.dtype=float64 but this run has model.dtype=float32"),
+    ("model.bias=false", "model.bias=true but this run has model.bias=false"),
+    ("loss.name=mse", "loss.name=cross_entropy but this run has loss.name=mse"),
+    ("loss.l2=0.01", "loss.l2=0.05 but this run has loss.l2=0.01"),
+    ("train.seed=1", "train.seed=0 but this run has train.seed=1"),
+    ("data.seed=1", "data.seed=0 but this run has data.seed=1"),
+    ("data.noise=0.5", "data.noise=0.1 but this run has data.noise=0.5"),
+    ("data.n=150", "data.n=120 but this run has data.n=150"),
+    ("data.test_fraction=0.3", "data.test_fraction=0.2 but this run has data.test_fraction=0.3"),
+    ("data=npz", "data.name=synthetic but this run has data.name=npz"),
+]
+
+
+@pytest.mark.parametrize("override,message", MATH_CHANGES, ids=[o for o, _ in MATH_CHANGES])
+def test_a_resume_that_would_change_the_math_is_refused_naming_the_key(override, message, tmp_path):
+    run(tmp_path, *SGD, "train.steps=4")
+    with pytest.raises(ConfigError) as err:
+        if override == "data=npz":  # 5 features, 3 classes: the widths stay, only the source changes
+            data = write_npz(tmp_path / "same_shape.npz", n=120, d=5, classes=3)
+            model = [o for o in SMALL if not o.startswith("data")]
+            train(make_cfg(*model, *SGD, "train.steps=6", override, f"data.path={data}"), tmp_path)
+        else:
+            run(tmp_path, *SGD, "train.steps=6", override)
+    key, _, want = message.partition("=")
+    fix = "data=synthetic" if key == "data.name" else f"{key}={want.split(' but ')[0]}"
+    assert str(err.value) == (f"train.resume: the checkpoint of step 4 in {tmp_path} was trained with {message}; "
+                              f"resuming would change the math: use {fix} or a new hydra.run.dir"), str(err.value)
+    print(f"{override}: error: {err.value}")
+
+
+def test_another_npz_file_is_another_data_source(tmp_path):
+    first, second = write_npz(tmp_path / "a.npz", n=60, d=5), write_npz(tmp_path / "b.npz", n=60, d=5, seed=3)
+    model = [o for o in SMALL if not o.startswith("data")]
+    with contextlib.redirect_stdout(io.StringIO()):
+        train(make_cfg(*model, *SGD, "data=npz", f"data.path={first}", "train.steps=4"), tmp_path)
+    with pytest.raises(ConfigError, match=f"was trained with data.path={first} but this run has "
+                                          f"data.path={second}; resuming would change the math"):
+        train(make_cfg(*model, *SGD, "data=npz", f"data.path={second}", "train.steps=6"), tmp_path)
+
+
+def test_the_math_record_holds_data_standardize_where_the_data_config_has_it():
+    conf = config.parse(make_cfg(*SMALL))
+    spec = MLPSpec((5, 6, 3), "tanh", True, "float64")
+    assert "data.standardize" not in checkpoint.math_record(conf, spec)  # a config without the key: not recorded
+
+    @dataclasses.dataclass(frozen=True)
+    class Standardized(type(conf.data)):
+        standardize: bool = True
+
+    scaled = dataclasses.replace(conf, data=Standardized(**dataclasses.asdict(conf.data)))
+    record = checkpoint.math_record(scaled, spec)
+    assert record["data.standardize"] is True
+    assert checkpoint.fingerprint(record) != checkpoint.fingerprint(checkpoint.math_record(conf, spec))
+
+
+def strip_new_keys(run_dir: Path, step: int) -> None:
+    """Make a checkpoint look like one written before checkpoint.json recorded the math and shards a fingerprint."""
+    directory = checkpoint.step_dir(run_dir, step)
+    meta = json.loads((directory / checkpoint.META).read_text())
+    del meta["math"], meta["fingerprint"]
+    (directory / checkpoint.META).write_text(json.dumps(meta))
+    for path in directory.glob("stage_*.pt"):
+        shard = torch.load(path, weights_only=True)
+        del shard["fingerprint"]
+        torch.save(shard, path)
+
+
+def test_a_checkpoint_from_before_the_math_record_still_resumes(tmp_path, uninterrupted):
+    params, losses = uninterrupted(*SGD, *layout(2, 1), "train.steps=9")
+    run(tmp_path, *SGD, *layout(2, 1), "train.steps=4")
+    strip_new_keys(tmp_path, 4)
+    summary = run(tmp_path, *SGD, *layout(2, 1), "train.steps=9")
+    assert summary["resumed_from"] == 4
+    assert identical(final(tmp_path), params) and loss_rows(tmp_path) == losses
 
 
 def test_a_fresh_run_with_resume_never_starts_from_scratch(tmp_path):
