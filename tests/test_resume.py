@@ -172,6 +172,7 @@ MATH_CHANGES = [  # SMALL trains tanh, float64, with bias, cross_entropy, l2 0.0
     ("data.noise=0.5", "data.noise=0.1 but this run has data.noise=0.5"),
     ("data.n=150", "data.n=120 but this run has data.n=150"),
     ("data.test_fraction=0.3", "data.test_fraction=0.2 but this run has data.test_fraction=0.3"),
+    ("data.standardize=true", "data.standardize=false but this run has data.standardize=true"),
     ("data=npz", "data.name=synthetic but this run has data.name=npz"),
 ]
 
@@ -203,19 +204,14 @@ def test_another_npz_file_is_another_data_source(tmp_path):
         train(make_cfg(*model, *SGD, "data=npz", f"data.path={second}", "train.steps=6"), tmp_path)
 
 
-def test_the_math_record_holds_data_standardize_where_the_data_config_has_it():
+def test_the_math_record_holds_data_standardize():
     conf = config.parse(make_cfg(*SMALL))
     spec = MLPSpec((5, 6, 3), "tanh", True, "float64")
-    assert "data.standardize" not in checkpoint.math_record(conf, spec)  # a config without the key: not recorded
-
-    @dataclasses.dataclass(frozen=True)
-    class Standardized(type(conf.data)):
-        standardize: bool = True
-
-    scaled = dataclasses.replace(conf, data=Standardized(**dataclasses.asdict(conf.data)))
-    record = checkpoint.math_record(scaled, spec)
-    assert record["data.standardize"] is True
-    assert checkpoint.fingerprint(record) != checkpoint.fingerprint(checkpoint.math_record(conf, spec))
+    record = checkpoint.math_record(conf, spec)
+    assert record["data.standardize"] is conf.data.standardize
+    flipped = dataclasses.replace(conf, data=dataclasses.replace(conf.data, standardize=not conf.data.standardize))
+    assert checkpoint.math_record(flipped, spec)["data.standardize"] is not conf.data.standardize
+    assert checkpoint.fingerprint(checkpoint.math_record(flipped, spec)) != checkpoint.fingerprint(record)
 
 
 def strip_new_keys(run_dir: Path, step: int) -> None:
