@@ -29,6 +29,7 @@ from typing import Iterator
 import torch
 import torch.distributed as dist
 
+from pipeline import lifecycle
 from pipeline.config import DistConfig
 from pipeline.errors import ConfigError
 from pipeline.transport import Mailboxes, P2PTransport, PeerTimeout
@@ -194,7 +195,9 @@ def _store(env: Env, timeout: timedelta) -> dist.Store:
     agent_hosts = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
     store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), env.world_size,
                           is_master=env.rank == 0 and not agent_hosts, timeout=timeout)
-    return dist.PrefixStore(f"pipeline/restart{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+    prefixed = dist.PrefixStore(f"pipeline/restart{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+    lifecycle.keep_store(prefixed)  # where a failing rank leaves its note for the others
+    return prefixed
 
 
 def _join(env: Env, backend: str, conf: DistConfig) -> None:
@@ -237,6 +240,7 @@ def connect(env: Env, num_ranks: int, transport: str, conf: DistConfig) -> Itera
         return
     owned = not dist.is_initialized()
     if owned:
+        lifecycle.raise_deferred()  # torchrun ended this rank while it checked the config
         _bind_loopback(env)
         if device.type == "cuda":
             torch.cuda.set_device(device)
