@@ -153,6 +153,8 @@ class Comm:
         total = torch.tensor(values, dtype=torch.float64, device=self.device)
         try:
             dist.all_reduce(total, group=group, async_op=True).wait(timedelta(seconds=self.timeout_s))
+        except PeerTimeout:  # a SIGTERM (Terminated) that landed in the wait is no timeout
+            raise
         except RuntimeError as err:
             error = PeerTimeout(f"rank {dist.get_rank()}: no answer within {self.timeout_s:g} s (dist.timeout_s) "
                                 f"at an {what} ({str(err).strip().splitlines()[0][-120:]})")
@@ -166,6 +168,8 @@ class Comm:
         try:
             dist.monitored_barrier(timeout=timedelta(seconds=self.timeout_s)) if dist.get_backend() == "gloo" \
                 else dist.barrier()
+        except PeerTimeout:  # a SIGTERM (Terminated) that landed in the wait is no barrier failure
+            raise
         except RuntimeError as err:
             error = PeerTimeout(f"rank {dist.get_rank()}: barrier ({what}) failed: {str(err).splitlines()[0]}")
             error.report.update(rank=dist.get_rank(), waiting_on=f"barrier ({what})")

@@ -14,11 +14,13 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+import torch
 import torch.distributed as dist
 
 from pipeline import lifecycle
+from pipeline.distributed import Comm
 from pipeline.errors import disk_error
-from pipeline.transport import PeerTimeout, Terminated
+from pipeline.transport import P2PTransport, PeerTimeout, Terminated
 from pipeline.watchdog import write_hang_report
 from tests.conftest import ROOT
 from tests.test_watchdog import alive, wait_for, workers
@@ -100,7 +102,7 @@ def test_a_peer_stopped_inside_a_collective_leaves_a_survivor_that_exits(tmp_pat
     finally:
         kill_all(launcher, run_dir, script.encode())
     said, line = stderr.first("error: rank 0: ")
-    print(f"stop -> error line {said - stopped:.2f} s, stop -> exit {exited - stopped:.2f} s")
+    print(f"stop -> error line {said - stopped:.2f} s, stop -> exit {exited - stopped:.2f} s: {line}")
     assert line.startswith(f"error: rank 0: no answer within {TIMEOUT_S} s (dist.timeout_s) at an all_reduce")
     assert said - stopped < TIMEOUT_S + 3
     assert exited - said < 3
@@ -298,6 +300,24 @@ def test_a_hang_report_that_cannot_be_written_leaves_nothing(tmp_path):
 
 
 # --- SIGTERM to torchrun (item 8) ----------------------------------------------------------------
+
+class Terminating:
+    """A gloo Work whose wait is cut short by torchrun's SIGTERM (the handler raises Terminated)."""
+
+    def wait(self, timeout=None):
+        raise Terminated("rank 0: terminated by the launcher (SIGTERM)")
+
+
+def test_a_sigterm_inside_a_wait_stays_a_termination_not_a_timeout(monkeypatch):
+    transport = P2PTransport(0, 60)
+    transport.posted[(1, 3)] = (Terminating(), torch.zeros(1))
+    with pytest.raises(Terminated, match=r"^rank 0: terminated by the launcher \(SIGTERM\)$"):
+        transport.recv(1, 3, "0RECV_B0", lambda: torch.zeros(1))
+    monkeypatch.setattr(dist, "all_reduce", lambda *args, **kwargs: Terminating())
+    comm = Comm([0], {0: transport}, True, 60, torch.device("cpu"))
+    with pytest.raises(Terminated, match=r"^rank 0: terminated by the launcher \(SIGTERM\)$"):
+        comm.sum(1.0)
+
 
 @pytest.mark.timeout(240)
 def test_sigterm_to_torchrun_says_the_launcher_was_stopped_not_that_a_rank_failed(tmp_path):
