@@ -19,6 +19,7 @@ so the step is all the data position there is.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -102,13 +103,26 @@ def _fsync_dir(path: Path) -> None:
 
 
 def _atomic_write_bytes(path: Path, write) -> None:
-    """Write to a temporary file, fsync it, rename it over `path`: readers see the old or the new file."""
+    """Write to a temporary file, fsync it, rename it over `path`: readers see the old or the new file.
+
+    The bytes are made in memory first: torch.save into a file on a full disk fails with an obscure
+    RuntimeError, a plain write with OSError(ENOSPC). A failed write removes its .tmp and names `path`.
+    """
+    buffer = io.BytesIO()
+    write(buffer)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(buffer.getbuffer())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as err:
+        try:
+            tmp.unlink()
+        except OSError:  # on a read-only file system there is no .tmp to remove
+            pass
+        raise OSError(err.errno, err.strerror, str(path)) from None
     _fsync_dir(path.parent)
 
 

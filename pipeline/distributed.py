@@ -30,6 +30,7 @@ from typing import Iterator
 import torch
 import torch.distributed as dist
 
+from pipeline import lifecycle
 from pipeline.config import DistConfig
 from pipeline.errors import ConfigError
 from pipeline.transport import Mailboxes, P2PTransport, PeerTimeout
@@ -153,6 +154,8 @@ class Comm:
         total = torch.tensor(values, dtype=torch.float64, device=self.device)
         try:
             dist.all_reduce(total, group=group, async_op=True).wait(timedelta(seconds=self.timeout_s))
+        except PeerTimeout:  # a SIGTERM (Terminated) that landed in the wait is no timeout
+            raise
         except RuntimeError as err:
             error = PeerTimeout(f"rank {dist.get_rank()}: no answer within {self.timeout_s:g} s (dist.timeout_s) "
                                 f"at an {what} ({str(err).strip().splitlines()[0][-120:]})")
@@ -166,6 +169,8 @@ class Comm:
         try:
             dist.monitored_barrier(timeout=timedelta(seconds=self.timeout_s)) if dist.get_backend() == "gloo" \
                 else dist.barrier()
+        except PeerTimeout:  # a SIGTERM (Terminated) that landed in the wait is no barrier failure
+            raise
         except RuntimeError as err:
             error = PeerTimeout(f"rank {dist.get_rank()}: barrier ({what}) failed: {str(err).splitlines()[0]}")
             error.report.update(rank=dist.get_rank(), waiting_on=f"barrier ({what})")
@@ -200,7 +205,9 @@ def _store(env: Env, timeout: timedelta) -> dist.Store:
                           is_master=env.rank == 0 and not agent_hosts, timeout=timeout)
     # a process that joins twice (each job of a Hydra multirun) must not read its first group's keys either
     restart, join = os.environ.get('TORCHELASTIC_RESTART_COUNT', '0'), next(_JOINS)
-    return dist.PrefixStore(f"pipeline/restart{restart}/join{join}", store)
+    prefixed = dist.PrefixStore(f"pipeline/restart{restart}/join{join}", store)
+    lifecycle.keep_store(prefixed)  # where a failing rank leaves its note for the others
+    return prefixed
 
 
 def _join(env: Env, backend: str, conf: DistConfig) -> None:
@@ -243,6 +250,7 @@ def connect(env: Env, num_ranks: int, transport: str, conf: DistConfig) -> Itera
         return
     owned = not dist.is_initialized()
     if owned:
+        lifecycle.raise_deferred()  # torchrun ended this rank while it checked the config
         _bind_loopback(env)
         if device.type == "cuda":
             torch.cuda.set_device(device)

@@ -41,8 +41,11 @@ class MetricsLog:
 
     def write(self, row: dict[str, Any]) -> None:
         if self.enabled:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(row) + "\n")
+            try:
+                with open(self.path, "a") as f:
+                    f.write(json.dumps(row) + "\n")
+            except OSError as err:  # a failed write names no file: say which (see errors.disk_error)
+                raise OSError(err.errno, err.strerror, str(self.path)) from None
 
 
 def progress_bar(total: int, enabled: bool, initial: int = 0) -> tqdm:

@@ -28,6 +28,7 @@ from pipeline.config import Config
 from pipeline.distributed import Env, connect, plan_devices, read_env
 from pipeline.engine import Engine
 from pipeline.errors import ConfigError
+from pipeline.lifecycle import Interrupted
 from pipeline.metrics import MetricsLog, progress_bar, summary_line
 from pipeline.model import MLPSpec
 from pipeline.plan import Plan, make_plan, retime
@@ -205,39 +206,43 @@ def _fit(conf: Config, spec: MLPSpec, engine: Engine, data: datasets.Dataset, te
     bar, start, row, test = progress_bar(t.steps, enabled=engine.reports, initial=first - 1), \
         time.perf_counter(), {}, {}
     first_bad = FirstBadLoss()
-    for step in range(first, t.steps + 1):
-        tick = time.perf_counter()
-        rows = torch.as_tensor(sampler.indices(step - 1), device=x_train.device)
-        x = x_train[rows] if engine.holds_first else None
-        y = y_train[rows] if engine.holds_last else None
-        loss = engine.train_step(x, y, step)  # this replica's share of L where the last stage lives, else None
-        first_bad.see(loss, step)
-        last = step == t.steps
-        logging, saving = step % t.log_every == 0 or last, last or (ck.every > 0 and step % ck.every == 0)
-        local_reg = engine.local_regulariser() if logging or saving else 0.0  # on the weights the loss saw
-        bubble = engine.measured_bubble(step) if logging and conf.trace.enabled else None
-        engine.update()
-        # log and checkpoint steps check for NaN/inf on every rank; s rides the same collective
-        reg = check_finite(engine, step, local_reg, first_bad, last_saved) if logging or saving else 0.0
-        step_time = time.perf_counter() - tick
-        batch_loss = engine.batch_loss(loss) if logging and engine.holds_last else 0.0  # L = sum over replicas
-        if logging and engine.reports:
-            row = {"step": step, "loss": batch_loss, "reg": reg, "objective": batch_loss + reg,
-                   "lr": engine.optimizers[engine.plan.last_rank].param_groups[0]["lr"],
-                   "step_time_s": step_time, "samples_per_s": t.batch_size / step_time,
-                   **({"bubble": bubble} if bubble else {})}
-            log.write(row)
-            bar.set_postfix(loss=f"{row['loss']:.4f}")
-        if test_rows and (step % t.eval_every == 0 or last) and comm.writes_results:  # replica 0 evaluates
-            result = engine.evaluate(x_test if engine.holds_first else None,
-                                     y_test if engine.holds_last else None, test_rows)
-            if result is not None:
-                test = {"step": step, **result}
-                log.write(test)
-        if saving:
-            engine.save(run_dir, step)
-            last_saved = step
-        bar.update(1)
+    step = first
+    try:  # Ctrl-C: say where the run stood (lifecycle.report_interrupt)
+        for step in range(first, t.steps + 1):
+            tick = time.perf_counter()
+            rows = torch.as_tensor(sampler.indices(step - 1), device=x_train.device)
+            x = x_train[rows] if engine.holds_first else None
+            y = y_train[rows] if engine.holds_last else None
+            loss = engine.train_step(x, y, step)  # this replica's share of L where the last stage lives, else None
+            first_bad.see(loss, step)
+            last = step == t.steps
+            logging, saving = step % t.log_every == 0 or last, last or (ck.every > 0 and step % ck.every == 0)
+            local_reg = engine.local_regulariser() if logging or saving else 0.0  # on the weights the loss saw
+            bubble = engine.measured_bubble(step) if logging and conf.trace.enabled else None
+            engine.update()
+            # log and checkpoint steps check for NaN/inf on every rank; s rides the same collective
+            reg = check_finite(engine, step, local_reg, first_bad, last_saved) if logging or saving else 0.0
+            step_time = time.perf_counter() - tick
+            batch_loss = engine.batch_loss(loss) if logging and engine.holds_last else 0.0  # L = sum over replicas
+            if logging and engine.reports:
+                row = {"step": step, "loss": batch_loss, "reg": reg, "objective": batch_loss + reg,
+                       "lr": engine.optimizers[engine.plan.last_rank].param_groups[0]["lr"],
+                       "step_time_s": step_time, "samples_per_s": t.batch_size / step_time,
+                       **({"bubble": bubble} if bubble else {})}
+                log.write(row)
+                bar.set_postfix(loss=f"{row['loss']:.4f}")
+            if test_rows and (step % t.eval_every == 0 or last) and comm.writes_results:  # replica 0 evaluates
+                result = engine.evaluate(x_test if engine.holds_first else None,
+                                         y_test if engine.holds_last else None, test_rows)
+                if result is not None:
+                    test = {"step": step, **result}
+                    log.write(test)
+            if saving:
+                engine.save(run_dir, step)
+                last_saved = step
+            bar.update(1)
+    except KeyboardInterrupt:
+        raise Interrupted(step, last_saved) from None
     bar.close()
     traced = engine.save_trace(run_dir, conf.trace.step) if conf.trace.enabled else None
     stash = engine.stash_figures()

@@ -96,6 +96,8 @@ class P2PTransport:
         """A timeout or a closed connection becomes one PeerTimeout naming this rank and `what`."""
         try:
             yield
+        except PeerTimeout:  # a SIGTERM (Terminated) that landed in the wait: already the rank's own line
+            raise
         except RuntimeError as err:
             lines = str(err).strip().splitlines() or [type(err).__name__]
             reason = re.sub(r"^\[[^\]]*\]\s*", "", lines[0])  # drop gloo's source-file prefix

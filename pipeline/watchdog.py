@@ -1,8 +1,8 @@
 """What ranks leave behind when a peer stops answering: hang_report.json, one entry per rank.
 
 Every rank that can still speak adds what it was waiting on, its last completed actions and its
-pending sends. Ranks cannot talk to each other any more, so each one merges its entry into the
-shared file under a file lock instead.
+pending sends, under its global rank. Ranks cannot talk to each other any more, so each one merges
+its entry into the shared file under a lock on the run directory itself (no lock file is left).
 """
 
 from __future__ import annotations
@@ -11,23 +11,62 @@ import fcntl
 import json
 import os
 import time
+from contextlib import contextmanager, suppress
 from pathlib import Path
+from typing import Iterator
 
+from pipeline.distributed import read_env
 from pipeline.transport import PeerTimeout
 
 REPORT = "hang_report.json"
+LOCK_WAIT_S = 5.0  # a hang report must never hang: past this, merge without the lock
 
 
-def write_hang_report(run_dir: str | Path, error: PeerTimeout) -> Path:
-    """Add this rank's entry (error.report and the message) to RUN_DIR/hang_report.json."""
+def write_hang_report(run_dir: str | Path, error: PeerTimeout, message: str | None = None) -> Path:
+    """Add this rank's entry (error.report and the message) to RUN_DIR/hang_report.json.
+
+    The entry is keyed by this process's global rank (read_env), whatever the report holds: a
+    rank ended by SIGTERM has no report, and the runtime's `rank` is the pipeline rank.
+    """
     path = Path(run_dir) / REPORT
     path.parent.mkdir(parents=True, exist_ok=True)
-    entry = {**error.report, "message": str(error), "time": time.time()}
-    with open(path.with_suffix(".lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    rank = read_env().rank
+    entry = {**error.report, "rank": rank, "message": message or str(error), "time": time.time()}
+    if error.report.get("rank", rank) != rank:
+        entry["pipeline_rank"] = error.report["rank"]
+    with _locked(path.parent):
         report = json.loads(path.read_text()) if path.exists() else {"ranks": {}}
-        report["ranks"][str(entry.get("rank", "?"))] = entry
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(report, indent=1, sort_keys=True))
-        os.replace(tmp, path)
+        report["ranks"][str(rank)] = entry
+        _replace(path, json.dumps(report, indent=1, sort_keys=True))
     return path
+
+
+@contextmanager
+def _locked(directory: Path) -> Iterator[None]:
+    """An exclusive flock on an O_RDONLY descriptor of the directory; closing it releases the lock."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        deadline = time.monotonic() + LOCK_WAIT_S
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    break
+                time.sleep(0.02)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _replace(path: Path, text: str) -> None:
+    """Write `text` to PATH.tmp and rename it over PATH; a failed write leaves no .tmp behind."""
+    tmp = path.with_suffix(".tmp")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except OSError as err:
+        with suppress(OSError):  # on a read-only file system there is no .tmp to remove
+            tmp.unlink()
+        raise OSError(err.errno, err.strerror, str(path)) from None

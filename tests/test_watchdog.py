@@ -17,8 +17,8 @@ pytestmark = pytest.mark.timeout(240)
 TIMEOUT_S = 4
 
 
-def workers(run_dir: Path) -> dict[int, int]:
-    """rank -> pid of the pipeline.train processes of this run (found through /proc)."""
+def workers(run_dir: Path, program: bytes = b"pipeline.train") -> dict[int, int]:
+    """rank -> pid of this run's processes running `program` (found through /proc)."""
     found = {}
     for entry in Path("/proc").iterdir():
         try:
@@ -26,7 +26,7 @@ def workers(run_dir: Path) -> dict[int, int]:
             environ = dict(line.split("=", 1) for line in (entry / "environ").read_text().split("\0") if "=" in line)
         except (OSError, ValueError):
             continue
-        if b"pipeline.train" in cmdline and f"hydra.run.dir={run_dir}".encode() in cmdline and "RANK" in environ:
+        if any(program in part for part in cmdline) and f"hydra.run.dir={run_dir}".encode() in cmdline and "RANK" in environ:
             found[int(environ["RANK"])] = int(entry.name)
     return found
 
