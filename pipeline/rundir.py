@@ -121,16 +121,19 @@ def _acquire(path: Path, env: Env) -> int | None:
               file=sys.stderr, flush=True)
     record = {"pid": os.getpid(), "host": socket.gethostname(), "job": job_of(env),
               "started": time.strftime("%Y-%m-%d %H:%M:%S"), "ticks": _start_ticks(os.getpid())}
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, json.dumps(record).encode(), 0)
+    with open(path, "w") as f:  # the inode we hold (checked in _lock; only the holder unlinks it)
+        f.write(json.dumps(record))
     return fd
 
 
 def _lock(path: Path) -> int | None:
     """flock the lock file: the kernel frees it when the holder dies, however it dies (os.open's fd is not
-    inherited, so no child process keeps it). None: this file system has no locks."""
+    inherited, so no child process keeps it). None: this file system has no locks.
+
+    The descriptor that holds the lock is read-only: an open writer would stop the file system from
+    being remounted read-only, and a run must fail on that like on any other write (see lifecycle)."""
     while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(path, os.O_RDONLY | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
-from pipeline import config, data as datasets, rundir
+from pipeline import checkpoint, config, data as datasets, rundir
 from pipeline.config import Config
 from pipeline.distributed import Env, connect, plan_devices, read_env
 from pipeline.engine import Engine
@@ -241,8 +241,9 @@ def _fit(conf: Config, spec: MLPSpec, engine: Engine, data: datasets.Dataset, te
                 engine.save(run_dir, step)
                 last_saved = step
             bar.update(1)
-    except KeyboardInterrupt:
-        raise Interrupted(step, last_saved) from None
+    except KeyboardInterrupt:  # the newest complete checkpoint: Ctrl-C may cut a save short after its commit
+        saved = checkpoint.complete_steps(run_dir)
+        raise Interrupted(step, saved[-1] if saved else None) from None
     bar.close()
     traced = engine.save_trace(run_dir, conf.trace.step) if conf.trace.enabled else None
     stash = engine.stash_figures()
