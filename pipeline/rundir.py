@@ -121,8 +121,12 @@ def _acquire(path: Path, env: Env) -> int | None:
               file=sys.stderr, flush=True)
     record = {"pid": os.getpid(), "host": socket.gethostname(), "job": job_of(env),
               "started": time.strftime("%Y-%m-%d %H:%M:%S"), "ticks": _start_ticks(os.getpid())}
-    with open(path, "w") as f:  # the inode we hold (checked in _lock; only the holder unlinks it)
-        f.write(json.dumps(record))
+    try:
+        with open(path, "w") as f:  # the inode we hold (checked in _lock; only the holder unlinks it)
+            f.write(json.dumps(record))
+    except OSError as err:  # a full disk: leave no empty lock behind, and name the file (a write names none)
+        _release(fd, path)
+        raise OSError(err.errno, err.strerror, str(path)) from None
     return fd
 
 

@@ -1,6 +1,7 @@
 """How a rank's process ends: within seconds after a lost peer (even one stopped inside a collective),
 when torchrun is killed, on Ctrl-C and SIGTERM; one line each, a failing peer named, nothing left behind."""
 
+import contextlib
 import errno
 import json
 import os
@@ -253,6 +254,24 @@ def test_a_full_run_directory_is_one_line_naming_the_file_and_leaves_no_tmp(tmp_
         f"error: rank 0: no space left on device writing {shard}; free space there or pick another hydra.run.dir"
     ], result.stderr
     assert not [name for name in left if name.endswith((".tmp", ".lock"))], left
+
+
+@pytest.mark.timeout(120)
+def test_a_run_directory_on_a_full_file_system_is_one_line_and_leaves_nothing(tmp_path):
+    """Full before the run starts: the first file written is the lock, and it is named, not left behind empty."""
+    with tmpfs(tmp_path / "fs", "64k") as fs:
+        (fs / "fill").write_bytes(b"\0" * (64 * 1024 - 4096))  # what tmpfs does not round up fills it
+        with contextlib.suppress(OSError):
+            with open(fs / "fill", "ab") as f:
+                f.write(b"\0" * 8192)
+        run_dir = fs / "run"
+        result = subprocess.run([sys.executable, "-m", "pipeline.train", "train.steps=5", f"hydra.run.dir={run_dir}"],
+                                cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=100)
+        left = sorted(p.name for p in run_dir.iterdir())
+    assert result.returncode == 1 and result.stderr.splitlines() == [
+        f"error: rank 0: no space left on device writing {run_dir / 'run.lock'}; free space there or pick another "
+        "hydra.run.dir"], result.stderr
+    assert left == []
 
 
 def test_disk_errors_name_the_cause_the_path_and_the_fix(tmp_path):
