@@ -83,7 +83,7 @@ def scale_warning(data: Dataset, where: str) -> str | None:
     and at 50 the loss went NaN. Raw wine and breast cancer reach 750-900; the raw digits' pixels
     (mean at most 12, std at most 7) still train, and stay under the line.
     """
-    mean, std = data.x_train.mean(0), data.x_train.std(0)
+    mean, std = feature_scaling(data.x_train)  # a constant feature's std 1 stays under the line
     size = np.maximum(np.abs(mean), std)
     column = int(np.argmax(size))
     if size[column] <= FAR_FROM_STANDARD:

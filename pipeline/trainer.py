@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
-from pipeline import checkpoint, config, data as datasets, rundir
+from pipeline import checkpoint, config, data as datasets, memory, rundir
 from pipeline.config import Config
 from pipeline.distributed import Env, connect, plan_devices, read_env
 from pipeline.engine import Engine
@@ -48,9 +48,10 @@ def load_data(conf: Config, warn: bool = False) -> datasets.Dataset:
         data = datasets.npz(d.path, d.test_path, d.test_fraction, d.split_seed)
     if d.standardize:
         return datasets.standardised(data)
-    warning = datasets.scale_warning(data, f"data.path={d.path}" if d.name == "npz" else f"data={d.name}")
-    if warn and warning and os.environ.get("LOCAL_RANK", "0") == "0":
-        print(warning, file=sys.stderr, flush=True)
+    if warn and os.environ.get("LOCAL_RANK", "0") == "0":  # the other commands load the data without it
+        warning = datasets.scale_warning(data, f"data.path={d.path}" if d.name == "npz" else f"data={d.name}")
+        if warning:
+            print(warning, file=sys.stderr, flush=True)
     return data
 
 
@@ -73,8 +74,6 @@ def check_batch(conf: Config, data: datasets.Dataset) -> None:
 def check_memory(conf: Config, env: Env, plan: Plan, spec: MLPSpec, data: datasets.Dataset,
                  device: torch.device) -> None:
     """Refuse a model whose parameters, gradients and optimizer state cannot fit, before any is allocated."""
-    from pipeline import memory
-
     hint = "use smaller model.hidden widths or more pipeline ranks"
     if conf.model.out_dim is None and spec.dims[-1] == max(spec.dims):
         hint = (f"model.out_dim={spec.dims[-1]} was inferred from the largest label ({spec.dims[-1] - 1}) of "
