@@ -102,7 +102,7 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _atomic_write_bytes(path: Path, write) -> None:
+def atomic_write_bytes(path: Path, write) -> None:
     """Write to a temporary file, fsync it, rename it over `path`: readers see the old or the new file.
 
     The bytes are made in memory first: torch.save into a file on a full disk fails with an obscure
@@ -146,20 +146,20 @@ def save_shards(run_dir: str | Path, step: int, shards: Iterable[dict[str, Any]]
     directory = step_dir(run_dir, step)
     directory.mkdir(parents=True, exist_ok=True)
     for shard in shards:
-        _atomic_write_bytes(directory / shard_name(shard["stage_index"]), lambda f: torch.save(shard, f))
+        atomic_write_bytes(directory / shard_name(shard["stage_index"]), lambda f: torch.save(shard, f))
 
 
 def commit(run_dir: str | Path, step: int, meta: dict[str, Any]) -> None:
     """Mark checkpoint `step` complete (once every shard is written) and point `latest` at it."""
     directory = step_dir(run_dir, step)
     text = json.dumps({"step": step, **meta}).encode()
-    _atomic_write_bytes(directory / META, lambda f: f.write(text))
+    atomic_write_bytes(directory / META, lambda f: f.write(text))
     point_latest(run_dir, step)
 
 
 def point_latest(run_dir: str | Path, step: int) -> None:
     directory = step_dir(run_dir, step)
-    _atomic_write_bytes(directory.parent / "latest", lambda f: f.write(directory.name.encode()))
+    atomic_write_bytes(directory.parent / "latest", lambda f: f.write(directory.name.encode()))
 
 
 def _step_dirs(run_dir: str | Path) -> dict[int, Path]:

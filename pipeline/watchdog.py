@@ -11,10 +11,11 @@ import fcntl
 import json
 import os
 import time
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+from pipeline.checkpoint import atomic_write_bytes
 from pipeline.distributed import read_env
 from pipeline.transport import PeerTimeout
 
@@ -37,7 +38,8 @@ def write_hang_report(run_dir: str | Path, error: PeerTimeout, message: str | No
     with _locked(path.parent):
         report = json.loads(path.read_text()) if path.exists() else {"ranks": {}}
         report["ranks"][str(rank)] = entry
-        _replace(path, json.dumps(report, indent=1, sort_keys=True))
+        text = json.dumps(report, indent=1, sort_keys=True).encode()
+        atomic_write_bytes(path, lambda f: f.write(text))  # a failed write leaves no .tmp and names the file
     return path
 
 
@@ -58,15 +60,3 @@ def _locked(directory: Path) -> Iterator[None]:
         yield
     finally:
         os.close(fd)
-
-
-def _replace(path: Path, text: str) -> None:
-    """Write `text` to PATH.tmp and rename it over PATH; a failed write leaves no .tmp behind."""
-    tmp = path.with_suffix(".tmp")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    except OSError as err:
-        with suppress(OSError):  # on a read-only file system there is no .tmp to remove
-            tmp.unlink()
-        raise OSError(err.errno, err.strerror, str(path)) from None
