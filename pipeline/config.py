@@ -13,10 +13,10 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from pipeline.errors import ConfigError
-from pipeline.layers import ACTIVATIONS
-from pipeline.model import DTYPES
-from pipeline.objective import LOSSES
-from pipeline.schedule import SCHEDULES
+from pipeline.mlp.layers import ACTIVATIONS
+from pipeline.mlp.model import DTYPES
+from pipeline.mlp.objective import LOSSES
+from pipeline.schedules.registry import SCHEDULES
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 AUTO = "auto"  # pipeline.schedule=auto: the planner picks schedule, micro-batches and virtual stages
@@ -24,7 +24,10 @@ OPTIMIZERS = ("sgd", "adam")
 DEFAULTS_FOR_ERRORS = {"optim.lr": 0.1, "loss.l2": 1e-4, "dist.timeout_s": 60, "optim.momentum": 0.9}
 DATASETS = ("digits", "synthetic", "npz")
 PARTITIONS = ("uniform", "params", "time")
-TRANSPORTS = ("p2p", "inprocess")
+# pipeline.transport: the names a user types; runtime.distributed.connect maps each to its transport (one place)
+P2P, IN_PROCESS = "p2p", "inprocess"
+TRANSPORTS = {P2P: "one rank per process (torchrun), torch.distributed point-to-point messages",
+              IN_PROCESS: "every rank in this one process, messages through in-memory mailboxes"}
 # The keys each data set and optimizer reads: anything else (a typo, a `+key` Hydra let through) is refused
 DATA_KEYS = {"digits": ("name", "shuffle", "standardize", "test_fraction", "split_seed"),
              "synthetic": ("name", "shuffle", "standardize", "test_fraction", "n", "dim", "classes", "noise", "seed"),
@@ -74,9 +77,14 @@ class PipelineConfig:
     virtual_stages: int
     partition: str | tuple[int, ...]
     memory_gib: float | None = None  # per-rank budget the planner (schedule=auto) must respect
-    transport: str = "p2p"  # p2p: one rank per process (torchrun); inprocess: every rank in this process
+    transport: str = P2P  # p2p: one rank per process (torchrun); inprocess: every rank in this process
     ranks: int | None = None  # p; with p2p it must equal the world size
     recompute: bool = False  # keep only each stage's input per micro-batch; recompute the rest in its backward
+
+    @property
+    def in_process(self) -> bool:
+        """Does this process run every rank (no process group for the pipeline's messages)?"""
+        return self.transport == IN_PROCESS
 
 
 @dataclass(frozen=True)
@@ -310,7 +318,7 @@ def _pipeline(raw: Mapping[str, Any]) -> PipelineConfig:
         microbatches=_int("pipeline.microbatches", raw.get("microbatches")),
         virtual_stages=_int("pipeline.virtual_stages", raw.get("virtual_stages")),
         partition=_partition(raw.get("partition", "uniform")),
-        transport=_choice("pipeline.transport", raw.get("transport", "p2p"), TRANSPORTS),
+        transport=_choice("pipeline.transport", raw.get("transport", P2P), TRANSPORTS),
         ranks=_optional_int("pipeline.ranks", raw.get("ranks")),
         recompute=_bool("pipeline.recompute", raw.get("recompute", False)),
     )
@@ -392,7 +400,7 @@ def _parallel(raw: Mapping[str, Any], pipeline: PipelineConfig) -> ParallelConfi
     if conf.pp is not None and pipeline.ranks is not None and conf.pp != pipeline.ranks:
         raise ConfigError(f"parallel.pp={conf.pp} and pipeline.ranks={pipeline.ranks} disagree (both are p); "
                           "set only one of them")
-    if conf.dp > 1 and pipeline.transport == "inprocess":
+    if conf.dp > 1 and pipeline.in_process:
         raise ConfigError(f"parallel.dp={conf.dp} needs one process per rank: use pipeline.transport=p2p under "
                           "torchrun, or parallel.dp=1 with the in-process transport")
     return conf
@@ -405,6 +413,11 @@ def _check_replica_rows(conf: Config) -> None:
         raise ConfigError(f"train.batch_size={batch} split over parallel.dp={d} replicas leaves {batch // d} rows "
                           f"per replica, fewer than pipeline.microbatches={m}; raise train.batch_size to at least "
                           f"{d * m} or lower pipeline.microbatches")
+
+
+def in_process(conf: Config, ranks: int) -> Config:
+    """The same run with all `ranks` ranks in this one process (how the planning commands measure and predict)."""
+    return replace(conf, pipeline=replace(conf.pipeline, transport=IN_PROCESS, ranks=ranks))
 
 
 def compose(overrides: Sequence[str] = ()) -> Config:

@@ -112,11 +112,12 @@ def test_the_memory_check_counts_every_rank_that_shares_one_memory(tmp_path, mon
     (in-process, or two processes on this machine), accepted where each process has its own GPU."""
     import torch
 
-    from pipeline import config, memory
-    from pipeline.distributed import Env
+    from pipeline import config
+    from pipeline.planning import memory
+    from pipeline.runtime.distributed import Env
     from pipeline.errors import ConfigError
-    from pipeline.plan import make_plan
-    from pipeline.trainer import check_memory, load_data, model_spec
+    from pipeline.planning.planner import make_plan
+    from pipeline.training.setup import check_memory, load_data, model_spec
     from tests.conftest import make_cfg
 
     def layout(transport, world):

@@ -8,10 +8,11 @@ import shutil
 import pytest
 import torch
 
-from pipeline import checkpoint, config
-from pipeline.distributed import Env, _bind_loopback
+from pipeline import config
+from pipeline.training import checkpoint
+from pipeline.runtime.distributed import Env, _bind_loopback
 from pipeline.errors import ConfigError, UserError
-from pipeline.metrics import MetricsLog
+from pipeline.training.metrics import MetricsLog
 from tests.conftest import make_cfg
 from tests.conftest import ROOT
 from tests.test_resume import ADAM, SGD, final, identical, layout, run, uninterrupted_runs

@@ -132,14 +132,14 @@ def test_cli_config_errors_exit_2_without_traceback(tmp_path):
 
 
 def test_batch_larger_than_the_data_is_refused(tmp_path):
-    from pipeline.trainer import train
+    from pipeline.training.trainer import train
 
     with pytest.raises(ConfigError, match="train.batch_size=5000 exceeds the 1438 training rows of digits"):
         train(make_cfg("train.batch_size=5000"), tmp_path)
 
 
 def test_cuda_without_a_gpu_is_refused(tmp_path, monkeypatch):
-    from pipeline.trainer import train
+    from pipeline.training.trainer import train
 
     monkeypatch.setattr("torch.cuda.is_available", lambda: False)
     with pytest.raises(ConfigError, match="dist.device=cuda but no CUDA device is visible"):
@@ -147,17 +147,17 @@ def test_cuda_without_a_gpu_is_refused(tmp_path, monkeypatch):
 
 
 def test_device_and_backend_choice(monkeypatch):
-    from pipeline.distributed import Env, plan_devices
+    from pipeline.runtime.distributed import Env, plan_devices
 
     monkeypatch.setattr("torch.cuda.is_available", lambda: False)
     job = Env(rank=1, world_size=2, local_rank=1, local_world_size=2, run_id="x")
     one = Env(rank=0, world_size=1, local_rank=0, local_world_size=1, run_id=None)
     dist_conf = config.parse(make_cfg()).dist
-    assert plan_devices(job, "p2p", dist_conf) == (torch.device("cpu"), "gloo")
-    assert plan_devices(one, "p2p", dist_conf) == (torch.device("cpu"), None)  # no group for one process
-    assert plan_devices(job, "inprocess", dist_conf)[1] is None
+    assert plan_devices(job, False, dist_conf) == (torch.device("cpu"), "gloo")
+    assert plan_devices(one, False, dist_conf) == (torch.device("cpu"), None)  # no group for one process
+    assert plan_devices(job, True, dist_conf)[1] is None
     with pytest.raises(ConfigError, match="dist.backend=nccl needs CUDA tensors"):
-        plan_devices(job, "p2p", config.parse(make_cfg("dist.backend=nccl")).dist)
+        plan_devices(job, False, config.parse(make_cfg("dist.backend=nccl")).dist)
     monkeypatch.setattr("torch.cuda.is_available", lambda: True)
-    assert plan_devices(job, "p2p", dist_conf) == (torch.device("cuda", 1), "nccl")
-    assert plan_devices(one, "inprocess", dist_conf)[0] == torch.device("cuda", 0)
+    assert plan_devices(job, False, dist_conf) == (torch.device("cuda", 1), "nccl")
+    assert plan_devices(one, True, dist_conf)[0] == torch.device("cuda", 0)

@@ -3,9 +3,11 @@
 import numpy as np
 import pytest
 
-from pipeline import config, data
+from pipeline import config
+from pipeline.training import data
 from pipeline.errors import DataError
-from pipeline.trainer import load_data, train
+from pipeline.training.setup import load_data
+from pipeline.training.trainer import train
 from tests.conftest import make_cfg, run_cli, write_npz
 
 pytestmark = pytest.mark.timeout(120)

@@ -9,15 +9,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline import checkpoint
-from pipeline.data_parallel import flatten_grads
-from pipeline.distributed import Grid, connect, read_env
-from pipeline.engine import Engine
-from pipeline.equivalence import PROBLEM, difference, grid, pipelined, problem, reference
-from pipeline.model import build_layers
-from pipeline.plan import make_plan
-from pipeline.stage import Stage
-from pipeline.trainer import load_data, model_spec
+from pipeline.training import checkpoint
+from pipeline.runtime.data_parallel import flatten_grads
+from pipeline.runtime.distributed import Grid, connect, read_env
+from pipeline.training.engine import Engine
+from pipeline.training.equivalence import PROBLEM, difference, grid, pipelined, problem, reference
+from pipeline.mlp.model import build_layers
+from pipeline.planning.planner import make_plan
+from pipeline.mlp.stage import Stage
+from pipeline.training.setup import load_data, model_spec
 from tests.conftest import ROOT
 from tests.launch import free_port, start, wait
 

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import checkpoint
-from pipeline.equivalence import difference, grid, problem, reference
+from pipeline.training import checkpoint
+from pipeline.training.equivalence import difference, grid, problem, reference
 from tests.conftest import ROOT, run_cli, write_npz
 from tests.launch import kill, start, wait
 

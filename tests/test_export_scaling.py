@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import checkpoint, data
+from pipeline.training import checkpoint, data
 from pipeline.export import main as export_main
-from pipeline.model import MLPSpec, torch_sequential
-from pipeline.trainer import train
+from pipeline.mlp.model import MLPSpec, torch_sequential
+from pipeline.training.trainer import train
 from tests.conftest import make_cfg
 
 pytestmark = pytest.mark.timeout(120)

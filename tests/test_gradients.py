@@ -5,10 +5,11 @@ import itertools
 import pytest
 import torch
 
-from pipeline import microbatch, objective
-from pipeline.gradcheck import cases, main as gradcheck_main, network_error
-from pipeline.model import MLPSpec, build_layers
-from pipeline.stage import Stage
+from pipeline.mlp import microbatch, objective
+from pipeline.gradcheck import main as gradcheck_main
+from pipeline.mlp.gradcheck import cases, network_error
+from pipeline.mlp.model import MLPSpec, build_layers
+from pipeline.mlp.stage import Stage
 
 pytestmark = pytest.mark.timeout(120)
 TOL = 1e-6

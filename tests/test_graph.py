@@ -6,8 +6,9 @@ from itertools import combinations
 
 import pytest
 
-from pipeline.graph import (BACKWARD, BUS, FORWARD, OPERATOR, VARIABLE, Graph, _half_size, build_graph, graph_for,
-                            main)
+from pipeline.schedules.placement import looped
+from pipeline.graph import graph_for, main
+from pipeline.planning.graph import BACKWARD, BUS, FORWARD, OPERATOR, VARIABLE, Graph, _half_size, build_graph
 from tests.conftest import run_cli
 
 pytestmark = pytest.mark.timeout(60)
@@ -97,7 +98,7 @@ def test_one_rank_is_one_stage_without_cuts(seed):
 
 
 def test_deeper_model_draws_every_layer_with_indices():
-    graph = build_graph(num_layers=3, bias=True, stage_layers=[range(3)], num_ranks=1)
+    graph = build_graph(num_layers=3, bias=True, stage_layers=[range(3)], placement=looped(1))
     assert _ids(graph, VARIABLE) == {"x", "W1", "b1", "z1", "h1", "W2", "b2", "z2", "h2", "W3", "b3", "o",
                                      "y", "L", "s", "J"}
     assert _ids(graph, OPERATOR) == {"mul1", "phi1", "mul2", "phi2", "mul3", "l", "l2", "plus"}
@@ -105,7 +106,7 @@ def test_deeper_model_draws_every_layer_with_indices():
             ("b3", "mul3"), ("mul3", "o")} <= _edges(graph)
     # the biases are not regularised: only W_i feed s
     assert {e.source for e in graph.edges if e.target == "l2"} == {"W1", "W2", "W3"}
-    grads = build_graph(3, True, [range(3)], 1, backward=True)
+    grads = build_graph(3, True, [range(3)], looped(1), backward=True)
     assert {("dJ/dz2", "dJ/db2"), ("dJ/dz2", "dJ/dh1"), ("dJ/dh1", "dJ/dz1"), ("dJ/do", "dJ/dh2")} <= _edges(
         grads, BACKWARD)
 

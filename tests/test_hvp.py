@@ -6,12 +6,13 @@ import re
 import pytest
 import torch
 
-from pipeline import layers as layers_module
+from pipeline.mlp import layers as layers_module
 from pipeline.errors import ConfigError
-from pipeline.gradcheck import cases
-from pipeline.hvp import autograd_hvp, finite_difference_hvp, hvp, main as hvp_main, random_direction, relative_error
-from pipeline.layers import Activation, Layer
-from pipeline.model import MLPSpec, build_layers
+from pipeline.mlp.gradcheck import cases
+from pipeline.hvp import main as hvp_main
+from pipeline.mlp.hvp import autograd_hvp, finite_difference_hvp, hvp, random_direction, relative_error
+from pipeline.mlp.layers import Activation, Layer
+from pipeline.mlp.model import MLPSpec, build_layers
 from tests.conftest import run_cli
 
 pytestmark = pytest.mark.timeout(120)

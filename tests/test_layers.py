@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from pipeline.gradcheck import relative_error
-from pipeline.layers import ACTIVATIONS, Layer
-from pipeline.model import MLPSpec, init_layer
+from pipeline.mlp.gradcheck import relative_error
+from pipeline.mlp.layers import ACTIVATIONS, Layer
+from pipeline.mlp.model import MLPSpec, init_layer
 
 pytestmark = pytest.mark.timeout(60)
 TOL = 1e-6

@@ -12,8 +12,9 @@ import torch
 
 from pipeline import memory
 from pipeline.config import compose
-from pipeline.equivalence import problem
-from pipeline.memory import MEASURED, calculate, held_bytes, measure
+from pipeline.training.equivalence import problem
+from pipeline.planning.memory import held_bytes
+from pipeline.training.footprint import MEASURED, calculate, measure
 from tests.conftest import run_cli
 
 pytestmark = pytest.mark.timeout(120)

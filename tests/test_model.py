@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from pipeline.model import MLPSpec, build_layers, init_layer, torch_sequential
+from pipeline.mlp.model import MLPSpec, build_layers, init_layer, torch_sequential
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -3,8 +3,8 @@
 import pytest
 
 from pipeline.errors import ConfigError
-from pipeline.model import MLPSpec
-from pipeline.partition import balance, layer_counts, stage_layers, uniform
+from pipeline.mlp.model import MLPSpec
+from pipeline.planning.partition import balance, layer_counts, stage_layers, uniform
 
 pytestmark = pytest.mark.timeout(30)
 SPEC = MLPSpec((64, 512, 16, 16, 16, 10), "relu", True, "float32")  # 5 layers, the first one heavy

@@ -12,15 +12,17 @@ import pytest
 import torch
 
 from pipeline import config
-from pipeline.distributed import connect, read_env
-from pipeline.engine import Engine
-from pipeline.equivalence import difference, grid, pipelined, problem, reference
+from pipeline.runtime.distributed import connect, read_env
+from pipeline.training.engine import Engine
+from pipeline.training.equivalence import difference, grid, pipelined, problem, reference
 from pipeline.errors import ConfigError
-from pipeline.plan import make_plan
-from pipeline.runtime import Runtime, Stuck, execute
-from pipeline.schedule import Action, build_schedule, lower
-from pipeline.simulate import simulate
-from pipeline.trainer import load_data, model_spec
+from pipeline.planning.planner import make_plan
+from pipeline.runtime.executor import Runtime, Stuck, execute
+from pipeline.schedules.actions import Action
+from pipeline.schedules.lowering import lower
+from pipeline.schedules.registry import build_schedule
+from pipeline.schedules.simulator import simulate
+from pipeline.training.setup import load_data, model_spec
 
 pytestmark = pytest.mark.timeout(120)
 TOL = 1e-6
@@ -64,7 +66,7 @@ def test_losses_and_evaluation_agree_with_one_rank(tmp_path):
 def test_measured_peak_stash_at_p4_m8(schedule, expected, tmp_path):
     _, summary = pipelined(problem(schedule=schedule, ranks=4, microbatches=8), tmp_path)
     assert {k: summary[k] for k in expected} == expected
-    predicted = simulate(build_schedule(schedule, 4, 8), 4, 8)
+    predicted = simulate(*build_schedule(schedule, 4, 8), 8)
     assert summary["peak_stash"] == [predicted.peak_stash[r] for r in range(4)]
 
 
@@ -167,7 +169,7 @@ def test_bad_parallel_settings_are_refused(overrides, message):
 
 
 def test_lowered_schedules_feed_the_runtime_only_what_it_expects():
-    schedule = lower(build_schedule("interleaved_1f1b", 2, 4, 2), 2)
+    schedule = lower(*build_schedule("interleaved_1f1b", 2, 4, 2))
     kinds = {a.kind for acts in schedule.values() for a in acts}
     assert kinds == {"F", "BW", "SEND_F", "RECV_F", "SEND_B", "RECV_B"}
     assert all(hasattr(Runtime, "_" + kind) for kind in kinds | {"B", "W"})

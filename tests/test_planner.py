@@ -2,16 +2,21 @@
 
 import pytest
 
-from pipeline import plan as planner
+from pipeline import plan as plan_command
 from pipeline.config import compose
-from pipeline.costs import Costs, flop_costs, peak_stash_bytes, stash_bytes
-from pipeline.equivalence import difference, pipelined, problem, reference
+from pipeline.planning.costs import Costs, flop_costs
+from pipeline.planning.memory import peak_stash_bytes, stash_bytes
+from pipeline.training.equivalence import difference, pipelined, problem, reference
 from pipeline.errors import ConfigError
-from pipeline.model import MLPSpec
-from pipeline.partition import stage_layers
-from pipeline.schedule import build_schedule, lower
-from pipeline.simulate import simulate
-from pipeline.trainer import load_data, model_spec
+from pipeline.mlp.model import MLPSpec
+from pipeline.planning import planner
+from pipeline.planning.partition import stage_layers
+from pipeline.planning.plan import retime
+from pipeline.schedules.lowering import lower
+from pipeline.schedules.placement import looped
+from pipeline.schedules.registry import build_schedule
+from pipeline.schedules.simulator import simulate
+from pipeline.training.setup import load_data, model_spec
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -23,9 +28,9 @@ def two_stage_costs(latency=0.5):
 
 @pytest.mark.parametrize("lowered", [False, True])
 def test_simulator_charges_each_transfer_its_latency_and_bytes(lowered):
-    schedule = build_schedule("gpipe", 2, 1)
-    schedule = lower(schedule, 2) if lowered else schedule
-    result = simulate(schedule, 2, 1, costs=two_stage_costs())
+    schedule, placement = build_schedule("gpipe", 2, 1)
+    schedule = lower(schedule, placement) if lowered else schedule
+    result = simulate(schedule, placement, 1, costs=two_stage_costs())
     # 0F0 [0,1]; +0.5 latency +100/200 s on the wire; 1F0 [2,3]; 1BW0 [3,5]; +1; 0BW0 [6,8]
     assert result.makespan == pytest.approx(8.0)
     assert result.bubble[0] == pytest.approx(1 - 3 / 8) and result.bubble[1] == pytest.approx(1 - 3 / 8)
@@ -34,9 +39,9 @@ def test_simulator_charges_each_transfer_its_latency_and_bytes(lowered):
 def test_equal_unit_costs_give_the_textbook_bubbles():
     for name in ("gpipe", "1f1b"):
         for p, m in ((2, 8), (4, 8), (4, 16)):
-            r = simulate(build_schedule(name, p, m), p, m)
+            r = simulate(*build_schedule(name, p, m), m)
             assert max(r.bubble.values()) == pytest.approx((p - 1) / (m + p - 1))
-    zb, ofob = simulate(build_schedule("zb_h1", 4, 8), 4, 8), simulate(build_schedule("1f1b", 4, 8), 4, 8)
+    zb, ofob = simulate(*build_schedule("zb_h1", 4, 8), 8), simulate(*build_schedule("1f1b", 4, 8), 8)
     assert max(zb.bubble.values()) < 0.41 * max(ofob.bubble.values())
 
 
@@ -46,7 +51,7 @@ def test_predicted_stash_bytes_equal_the_runtimes_measurement(schedule, p, v, tm
     conf = problem(schedule=schedule, ranks=p, microbatches=4, virtual_stages=v)
     _, summary = pipelined(conf, tmp_path)
     spec = model_spec(conf, load_data(conf))
-    from pipeline.partition import uniform
+    from pipeline.planning.partition import uniform
     stages = stage_layers(uniform(spec.num_layers, p * v))
     lowered = planner.make_plan(conf, spec, 1, eval_rows=10).train_schedule  # what the runtime ran
     predicted = peak_stash_bytes(lowered, spec, stages, [3, 3, 2, 2])  # a batch of 10 in 4 micro-batches
@@ -88,13 +93,13 @@ def test_time_partition_cuts_where_measured_times_say(monkeypatch, tmp_path):
     spec = model_spec(conf, load_data(conf))
     plan = planner.make_plan(conf, spec, 1, eval_rows=10)
     assert [len(r) for r in plan.stage_layers] == [4, 4]  # uniform until the ranks can agree on times
-    assert [len(r) for r in planner.retime(plan, spec, conf, lambda t: t).stage_layers] == [7, 1]
+    assert [len(r) for r in retime(plan, spec, conf, lambda t: t).stage_layers] == [7, 1]
     params, _ = pipelined(conf, tmp_path)  # really measured here; any cut trains the same
     assert difference(params, reference(problem())) <= 1e-6
 
 
 def test_plan_command_prints_the_table_and_a_choice(capsys):
-    assert planner.main(["--ranks", "2", "--memory-gib", "1", "--top", "5", "train.batch_size=32"]) == 0
+    assert plan_command.main(["--ranks", "2", "--memory-gib", "1", "--top", "5", "train.batch_size=32"]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[0].startswith("model 64-128-128-128-10 float32, batch 32, p=2, 1 GiB per rank")
     assert out[1].split() == ["schedule", "m", "v", "step", "(ms)", "bubble", "peak", "MiB/rank", "fits"]
@@ -103,10 +108,10 @@ def test_plan_command_prints_the_table_and_a_choice(capsys):
 
 def test_plan_command_bad_input_exits_2(capsys):
     with pytest.raises(SystemExit) as stop:
-        planner.main(["--ranks", "0"])
+        plan_command.main(["--ranks", "0"])
     assert stop.value.code == 2 and "--ranks must be >= 1" in capsys.readouterr().err
     with pytest.raises(SystemExit) as stop:
-        planner.main(["model.nope=3"])
+        plan_command.main(["model.nope=3"])
     assert stop.value.code == 2 and "Could not override 'model.nope'" in capsys.readouterr().err
 
 

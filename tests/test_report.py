@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import run_cli
-from pipeline.report import load_metrics, main
+from pipeline.report import main
+from pipeline.training.metrics import load_metrics
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -15,10 +15,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline import checkpoint, config
+from pipeline import config
+from pipeline.training import checkpoint
 from pipeline.errors import ConfigError
-from pipeline.model import MLPSpec
-from pipeline.trainer import NonFiniteLoss, train
+from pipeline.mlp.model import MLPSpec
+from pipeline.training.trainer import NonFiniteLoss, train
 from tests.conftest import make_cfg, write_npz
 from tests.launch import ROOT, kill, start, wait
 

@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from pipeline import checkpoint, rundir
-from pipeline.distributed import Env
-from pipeline.export import export
-from pipeline.trainer import train
+from pipeline.training import checkpoint, rundir
+from pipeline.runtime.distributed import Env
+from pipeline.training.export import export
+from pipeline.training.trainer import train
 from tests.conftest import ROOT, make_cfg, run_cli
 
 pytestmark = pytest.mark.timeout(180)
@@ -120,7 +120,7 @@ def test_a_directory_a_live_run_holds_is_refused_in_one_line(holder, second, tmp
     assert not (run_dir / rundir.LOCK).exists()  # the holder removed it when it finished
 
 
-HOLD = "import sys, time; from pipeline import rundir; from pipeline.distributed import read_env\n" \
+HOLD = "import sys, time; from pipeline.training import rundir; from pipeline.runtime.distributed import read_env\n" \
        "with rundir.hold(sys.argv[1], read_env()):\n    print('held', flush=True); time.sleep(100)"
 
 

@@ -4,26 +4,19 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.schedule import (
-    COMM_KINDS,
-    COMPUTE_KINDS,
-    SCHEDULES,
-    VIRTUAL,
-    Action,
-    build_schedule,
-    format_grid,
-    gpipe,
-    interleaved_1f1b,
-    lower,
-    main,
-    one_f_one_b,
-    stage_to_rank,
-    stages_of_rank,
-    zb_h1,
-)
-from pipeline.simulate import validate
+from pipeline.schedule import main
+from pipeline.schedules.actions import COMM_KINDS, COMPUTE_KINDS, Action, format_grid
+from pipeline.schedules.builders import gpipe, interleaved_1f1b, one_f_one_b, zb_h1
+from pipeline.schedules.lowering import lower
+from pipeline.schedules.placement import Placement, looped
+from pipeline.schedules.registry import SCHEDULES, VIRTUAL, build_schedule
+from pipeline.schedules.simulator import validate
 
 pytestmark = pytest.mark.timeout(60)
+
+
+def _acts(text: str) -> list[Action]:
+    return [Action.parse(t) for t in text.split()]
 
 
 def _line(schedule: dict[int, list[Action]], rank: int) -> str:
@@ -74,9 +67,28 @@ def test_action_is_immutable_and_hashable() -> None:
 
 
 def test_placement_is_looped() -> None:
-    assert [stage_to_rank(s, 3) for s in range(7)] == [0, 1, 2, 0, 1, 2, 0]
-    assert stages_of_rank(1, 3, 3) == [1, 4, 7]
-    assert stages_of_rank(2, 4, 1) == [2]
+    assert looped(3, 3).ranks == (0, 1, 2, 0, 1, 2, 0, 1, 2)
+    assert [looped(3, 3).rank_of(s) for s in range(7)] == [0, 1, 2, 0, 1, 2, 0]
+    assert looped(3, 3).stages_of(1) == [1, 4, 7]
+    assert looped(4, 1).stages_of(2) == [2]
+    assert (looped(3, 2).num_ranks, looped(3, 2).num_stages, looped(3, 2).last_rank) == (3, 6, 2)
+
+
+def test_a_placement_is_data_any_shape_works() -> None:
+    v_shape = Placement((0, 1, 1, 0))  # a V: rank 0 holds the first and the last stage
+    assert v_shape.stages_of(0) == [0, 3] and v_shape.last_rank == 0
+    lowered = lower({0: _acts("0F0 3F0 3BW0 0BW0"), 1: _acts("1F0 2F0 2BW0 1BW0")}, v_shape)
+    assert _line(lowered, 0) == "0F0 0SEND_F0 3RECV_F0 3F0 3BW0 3SEND_B0 0RECV_B0 0BW0"
+    validate(lowered, v_shape, 1)
+    with pytest.raises(ValueError, match="every rank 0..p-1"):
+        Placement((0, 2))
+
+
+def test_every_schedule_names_its_placement_in_the_registry() -> None:
+    for name, entry in SCHEDULES.items():
+        actions, placement = build_schedule(name, 3, 4, 2 if entry.virtual else 1)
+        assert placement == entry.placement(3, 2 if entry.virtual else 1)
+        validate(actions, placement, 4)  # every action sits on the rank its placement names
 
 
 # --- literal grids ------------------------------------------------------------------------
@@ -164,7 +176,7 @@ step  rank 0  rank 1
     ],
 )
 def test_grid_literal(name: str, num_ranks: int, expected: str) -> None:
-    assert format_grid(build_schedule(name, num_ranks, 4)) == expected
+    assert format_grid(build_schedule(name, num_ranks, 4).actions) == expected
 
 
 def test_grid_of_lowered_schedule_with_mark() -> None:
@@ -178,7 +190,7 @@ step  rank 0    rank 1
    5  0BW0      1F1
    6  0RECV_B1  1BW1
    7  0BW1      1SEND_B1"""
-    assert format_grid(lower(one_f_one_b(2, 2), 2), mark=(1, 3)) == expected
+    assert format_grid(lower(one_f_one_b(2, 2), looped(2)), mark=(1, 3)) == expected
 
 
 def test_grid_of_uneven_ranks_and_wide_steps() -> None:
@@ -240,9 +252,9 @@ def _cases() -> list[tuple[str, int]]:
 def test_every_generated_schedule_is_valid(name: str, virtual_stages: int) -> None:
     for num_ranks in range(1, 9):
         for num_microbatches in range(1, 17):
-            schedule = build_schedule(name, num_ranks, num_microbatches, virtual_stages)
-            validate(schedule, num_ranks, num_microbatches, virtual_stages)
-            validate(lower(schedule, num_ranks), num_ranks, num_microbatches, virtual_stages)
+            schedule, placement = build_schedule(name, num_ranks, num_microbatches, virtual_stages)
+            validate(schedule, placement, num_microbatches)
+            validate(lower(schedule, placement), placement, num_microbatches)
 
 
 @pytest.mark.parametrize(
@@ -269,14 +281,14 @@ def test_build_schedule_rejects_bad_arguments(args: tuple, message: str) -> None
 
 
 def test_lower_inserts_comms_around_cross_rank_compute() -> None:
-    lowered = lower(zb_h1(3, 1), 3)
+    lowered = lower(zb_h1(3, 1), looped(3))
     assert _line(lowered, 0) == "0F0 0SEND_F0 0RECV_B0 0B0 0W0"
     assert _line(lowered, 1) == "1RECV_F0 1F0 1SEND_F0 1RECV_B0 1B0 1SEND_B0 1W0"
     assert _line(lowered, 2) == "2RECV_F0 2F0 2B0 2SEND_B0 2W0"
 
 
 def test_lower_wraps_around_ranks_with_virtual_stages() -> None:
-    lowered = lower(gpipe(2, 1, 2), 2)
+    lowered = lower(gpipe(2, 1, 2), looped(2, 2))
     assert _line(lowered, 0) == (
         "0F0 0SEND_F0 2RECV_F0 2F0 2SEND_F0 2RECV_B0 2BW0 2SEND_B0 0RECV_B0 0BW0")
     assert _line(lowered, 1) == (
@@ -285,14 +297,14 @@ def test_lower_wraps_around_ranks_with_virtual_stages() -> None:
 
 def test_lower_refuses_a_lowered_schedule() -> None:
     with pytest.raises(ValueError, match="already has SEND/RECV"):
-        lower(lower(gpipe(2, 1), 2), 2)
+        lower(lower(gpipe(2, 1), looped(2)), looped(2))
 
 
 def test_lower_adds_nothing_on_one_rank_and_is_pure() -> None:
     schedule = interleaved_1f1b(1, 3, 3)
     before = {rank: list(actions) for rank, actions in schedule.items()}
-    assert lower(schedule, 1) == schedule
-    lower(gpipe(2, 2), 2)
+    assert lower(schedule, looped(1, 3)) == schedule
+    lower(gpipe(2, 2), looped(2))
     assert schedule == before
 
 
@@ -377,11 +389,11 @@ def test_module_runs_as_a_script() -> None:
 
 
 def test_fuse_backward_merges_only_adjacent_b_and_w_of_the_same_micro_batch():
-    from pipeline.schedule import fuse_backward
+    from pipeline.schedules.lowering import fuse_backward
 
-    lowered = lower(zb_h1(2, 3), 2)
+    lowered = lower(zb_h1(2, 3), looped(2))
     fused = fuse_backward(lowered)
     assert " ".join(map(str, fused[0])) == ("0F0 0SEND_F0 0F1 0SEND_F1 0RECV_B0 0BW0 0F2 0SEND_F2 0RECV_B1 0BW1 "
                                             "0RECV_B2 0BW2")
     assert fused[1] == lowered[1]  # rank 1 sends dJ/dx between its B and its (later) W
-    validate(fused, 2, 3)
+    validate(fused, looped(2), 3)

@@ -4,19 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.schedule import (
-    VIRTUAL,
-    Action,
-    Schedule,
-    build_schedule,
-    fuse_backward,
-    gpipe,
-    interleaved_1f1b,
-    lower,
-    one_f_one_b,
-    zb_h1,
-)
-from pipeline.simulate import ScheduleError, SimResult, check_in_order, format_summary, simulate, validate
+from pipeline.schedules.actions import Action, Schedule
+from pipeline.schedules.builders import gpipe, interleaved_1f1b, one_f_one_b, zb_h1
+from pipeline.schedules.lowering import fuse_backward, lower
+from pipeline.schedules.placement import looped
+from pipeline.schedules.registry import SCHEDULES, VIRTUAL, build_schedule
+from pipeline.schedules.simulator import ScheduleError, SimResult, check_in_order, format_summary, simulate, validate
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -30,7 +23,7 @@ def _error(schedule: Schedule, num_ranks: int, num_microbatches: int,
            virtual_stages: int = 1) -> ScheduleError:
     """The ScheduleError validate raises for this schedule."""
     with pytest.raises(ScheduleError) as caught:
-        validate(schedule, num_ranks, num_microbatches, virtual_stages)
+        validate(schedule, looped(num_ranks, virtual_stages), num_microbatches)
     return caught.value
 
 
@@ -130,7 +123,7 @@ def test_malformed_entries(schedule: Schedule, message: str) -> None:
 
 
 def test_unmatched_send() -> None:
-    schedule = lower(one_f_one_b(2, 4), 2)
+    schedule = lower(one_f_one_b(2, 4), looped(2))
     schedule[1].remove(Action(1, "RECV_F", 2))
     error = _error(schedule, 2, 4)
     assert _summary(error) == "rank 0: 0SEND_F2 has no matching RECV_F on rank 1"
@@ -138,7 +131,7 @@ def test_unmatched_send() -> None:
 
 
 def test_unmatched_recv() -> None:
-    schedule = lower(one_f_one_b(2, 4), 2)
+    schedule = lower(one_f_one_b(2, 4), looped(2))
     schedule[0].remove(Action(0, "SEND_F", 2))
     error = _error(schedule, 2, 4)
     assert _summary(error) == "rank 1: 1RECV_F2 has no matching SEND_F on rank 0"
@@ -146,19 +139,19 @@ def test_unmatched_recv() -> None:
 
 
 def test_unmatched_gradient_send() -> None:
-    schedule = lower(zb_h1(3, 2), 3)
+    schedule = lower(zb_h1(3, 2), looped(3))
     schedule[1].remove(Action(1, "RECV_B", 1))
     assert _summary(_error(schedule, 3, 2)) == "rank 2: 2SEND_B1 has no matching RECV_B on rank 1"
 
 
 def test_send_without_peer_stage() -> None:
-    schedule = lower(one_f_one_b(2, 1), 2)
+    schedule = lower(one_f_one_b(2, 1), looped(2))
     schedule[1].append(Action(1, "SEND_F", 0))
     assert _summary(_error(schedule, 2, 1)) == "rank 1: 1SEND_F0 has no peer stage 2 to talk to"
 
 
 def test_lowered_schedule_missing_both_ends_of_a_transfer() -> None:
-    schedule = lower(one_f_one_b(2, 4), 2)
+    schedule = lower(one_f_one_b(2, 4), looped(2))
     schedule[0].remove(Action(0, "SEND_F", 2))
     schedule[1].remove(Action(1, "RECV_F", 2))
     assert _summary(_error(schedule, 2, 4)) == (
@@ -166,7 +159,7 @@ def test_lowered_schedule_missing_both_ends_of_a_transfer() -> None:
 
 
 def test_send_before_its_compute() -> None:
-    schedule = lower(one_f_one_b(2, 2), 2)
+    schedule = lower(one_f_one_b(2, 2), looped(2))
     schedule[0][2:4] = _acts("0SEND_F1 0F1")
     assert _summary(_error(schedule, 2, 2)) == "rank 0: 0SEND_F1 runs before 0F1"
 
@@ -196,29 +189,30 @@ def test_deadlock_names_where_every_stuck_rank_waits() -> None:
 
 def test_validate_rejects_bad_counts() -> None:
     with pytest.raises(ValueError, match="num_microbatches must be an integer >= 1, got 0"):
-        validate(one_f_one_b(2, 2), 2, 0)
+        validate(one_f_one_b(2, 2), looped(2), 0)
 
 
 def test_validate_accepts_hand_written_valid_schedule() -> None:
     schedule = {0: _acts("0F0 0F1 0B1 0B0 0W0 0W1"), 1: _acts("1F1 1F0 1BW1 1BW0")}
-    validate(schedule, 2, 2)
-    validate(lower(schedule, 2), 2, 2)
+    validate(schedule, looped(2), 2)
+    validate(lower(schedule, looped(2)), looped(2), 2)
 
 
 def test_nccl_needs_messages_received_in_the_order_they_are_sent() -> None:
     # valid over gloo (tags match messages), but rank 1 receives micro-batch 1 before 0
     with pytest.raises(ScheduleError, match=r"rank 0: 0SEND_F1 is sent after the message of 1RECV_F0, but rank 1 "
                                             r"runs 1RECV_F1 first; NCCL pairs messages in order"):
-        check_in_order(lower({0: _acts("0F0 0F1 0B1 0B0 0W0 0W1"), 1: _acts("1F1 1F0 1BW1 1BW0")}, 2), 2)
-    for name in ("gpipe", "1f1b", "interleaved_1f1b", "zb_h1"):
+        check_in_order(lower({0: _acts("0F0 0F1 0B1 0B0 0W0 0W1"), 1: _acts("1F1 1F0 1BW1 1BW0")}, looped(2)), looped(2))
+    for name, entry in SCHEDULES.items():
         for p, m, v in ((2, 3, 1), (3, 8, 1), (4, 4, 2), (4, 8, 2)):
-            if v == 1 or name in VIRTUAL:
-                check_in_order(fuse_backward(lower(build_schedule(name, p, m, v), p)), p)
+            if v == 1 or entry.virtual:
+                actions, placement = build_schedule(name, p, m, v)
+                check_in_order(fuse_backward(lower(actions, placement)), placement)
 
 
 def test_simulate_raises_on_invalid_schedule() -> None:
     with pytest.raises(ScheduleError, match="stage 0 mb 1: missing forward"):
-        simulate({0: _acts("0F0 0BW0 0BW1")}, 1, 2)
+        simulate({0: _acts("0F0 0BW0 0BW1")}, looped(1), 2)
 
 
 # --- simulator: bubbles -------------------------------------------------------------------
@@ -228,7 +222,7 @@ def test_simulate_raises_on_invalid_schedule() -> None:
 def test_gpipe_and_1f1b_bubble_is_exact(generator) -> None:
     for p in range(1, 9):
         for m in range(1, 17):
-            result = simulate(generator(p, m), p, m)
+            result = simulate(generator(p, m), looped(p), m)
             assert result.makespan == 3 * (m + p - 1)
             assert result.busy == {rank: 3 * m for rank in range(p)}
             for bubble in result.bubble.values():
@@ -238,14 +232,14 @@ def test_gpipe_and_1f1b_bubble_is_exact(generator) -> None:
 def test_zb_h1_makespan_and_bubble() -> None:
     for p in range(1, 9):
         for m in range(1, 17):
-            result = simulate(zb_h1(p, m), p, m)
+            result = simulate(zb_h1(p, m), looped(p), m)
             assert result.makespan == 3 * m + p - 1 + max(0, p - m)
             if m >= p:
                 assert result.bubble[0] == pytest.approx((p - 1) / (3 * m + p - 1))
 
 
 def test_numbers_at_four_ranks_eight_microbatches() -> None:
-    results = {name: simulate(make(4, 8), 4, 8)
+    results = {name: simulate(make(4, 8), looped(4), 8)
                for name, make in (("gpipe", gpipe), ("1f1b", one_f_one_b), ("zb_h1", zb_h1))}
     assert [results[n].makespan for n in ("gpipe", "1f1b", "zb_h1")] == [33, 33, 27]
     assert results["1f1b"].bubble[0] == pytest.approx(3 / 11)
@@ -262,7 +256,7 @@ def test_numbers_at_four_ranks_eight_microbatches() -> None:
     [(4, 8, 2, 57, 3 / 19), (2, 4, 2, 27, 1 / 9), (4, 8, 3, 81, 1 / 9), (8, 16, 2, 117, 7 / 39)],
 )
 def test_interleaved_bubble_literal(p: int, m: int, v: int, makespan: int, bubble: float) -> None:
-    result = simulate(interleaved_1f1b(p, m, v), p, m, v)
+    result = simulate(interleaved_1f1b(p, m, v), looped(p, v), m)
     assert result.makespan == makespan
     assert list(result.bubble.values()) == [pytest.approx(bubble)] * p
 
@@ -271,7 +265,7 @@ def test_interleaved_bubble_formula_when_p_divides_m() -> None:
     for p in range(1, 9):
         for m in range(p, 17, p):
             for v in (2, 3):
-                result = simulate(interleaved_1f1b(p, m, v), p, m, v)
+                result = simulate(interleaved_1f1b(p, m, v), looped(p, v), m)
                 assert result.bubble[0] == pytest.approx((p - 1) / (v * m + p - 1))
 
 
@@ -279,7 +273,7 @@ def test_interleaved_never_idles_longer_than_1f1b_per_unit_of_work() -> None:
     for p in range(2, 7):
         for m in range(1, 13):
             for v in (2, 3):
-                idle = simulate(interleaved_1f1b(p, m, v), p, m, v).makespan - 3 * v * m
+                idle = simulate(interleaved_1f1b(p, m, v), looped(p, v), m).makespan - 3 * v * m
                 assert idle <= v * 3 * (p - 1)  # 1F1B idles 3(p-1) units of full-stage work
 
 
@@ -290,23 +284,23 @@ def test_peak_stash_per_schedule() -> None:
     for p in range(1, 9):
         for m in range(1, 17):
             expected_1f1b = {r: min(p - r, m) for r in range(p)}
-            assert simulate(gpipe(p, m), p, m).peak_stash == {r: m for r in range(p)}
-            assert simulate(one_f_one_b(p, m), p, m).peak_stash == expected_1f1b
-            zb = simulate(zb_h1(p, m), p, m)
+            assert simulate(gpipe(p, m), looped(p), m).peak_stash == {r: m for r in range(p)}
+            assert simulate(one_f_one_b(p, m), looped(p), m).peak_stash == expected_1f1b
+            zb = simulate(zb_h1(p, m), looped(p), m)
             assert zb.peak_awaiting_b == expected_1f1b
             assert zb.peak_stash == {r: min(p, m) for r in range(p)}
 
 
 def test_peak_stash_interleaved_and_looped_gpipe() -> None:
-    assert simulate(interleaved_1f1b(4, 8, 2), 4, 8, 2).peak_stash == {0: 11, 1: 9, 2: 7, 3: 5}
-    assert simulate(gpipe(2, 3, 2), 2, 3, 2).peak_stash == {0: 6, 1: 6}
+    assert simulate(interleaved_1f1b(4, 8, 2), looped(4, 2), 8).peak_stash == {0: 11, 1: 9, 2: 7, 3: 5}
+    assert simulate(gpipe(2, 3, 2), looped(2, 2), 3).peak_stash == {0: 6, 1: 6}
 
 
 # --- simulator: costs and timeline --------------------------------------------------------
 
 
 def test_timeline_literal() -> None:
-    result = simulate(zb_h1(2, 2), 2, 2)
+    result = simulate(zb_h1(2, 2), looped(2), 2)
     assert result.makespan == 7
     assert [(s, e, str(a)) for s, e, a in result.timeline[0]] == [
         (0, 1, "0F0"), (1, 2, "0F1"), (3, 4, "0B0"), (4, 5, "0W0"), (5, 6, "0B1"), (6, 7, "0W1")]
@@ -317,29 +311,29 @@ def test_timeline_literal() -> None:
 def test_comm_latency_same_with_and_without_lowering() -> None:
     schedule = one_f_one_b(2, 1)
     costs = {"comm": 0.5}
-    assert simulate(schedule, 2, 1, costs=costs).makespan == 7
-    assert simulate(lower(schedule, 2), 2, 1, costs=costs).makespan == 7
+    assert simulate(schedule, looped(2), 1, costs=costs).makespan == 7
+    assert simulate(lower(schedule, looped(2)), looped(2), 1, costs=costs).makespan == 7
 
 
 def test_comm_actions_with_cost_appear_in_timeline() -> None:
-    result = simulate(lower(one_f_one_b(2, 1), 2), 2, 1, costs={"SEND_F": 0.25})
+    result = simulate(lower(one_f_one_b(2, 1), looped(2)), looped(2), 1, costs={"SEND_F": 0.25})
     assert [(s, e, str(a)) for s, e, a in result.timeline[0]] == [
         (0, 1, "0F0"), (1, 1.25, "0SEND_F0"), (4.25, 6.25, "0BW0")]
     assert result.busy[0] == 3
 
 
 def test_per_kind_and_per_stage_costs() -> None:
-    result = simulate(zb_h1(1, 2), 1, 2, costs={"F": 2, "B": 3, "W": 0.5})
+    result = simulate(zb_h1(1, 2), looped(1), 2, costs={"F": 2, "B": 3, "W": 0.5})
     assert result.makespan == 11
-    assert simulate(gpipe(2, 2), 2, 2, costs={"B": 2, "W": 2}).makespan == 2 * 1 + 1 + 2 * 4 + 4
-    slow_last = simulate(gpipe(2, 1), 2, 1, costs=lambda a: (a.stage_index + 1) * (
+    assert simulate(gpipe(2, 2), looped(2), 2, costs={"B": 2, "W": 2}).makespan == 2 * 1 + 1 + 2 * 4 + 4
+    slow_last = simulate(gpipe(2, 1), looped(2), 1, costs=lambda a: (a.stage_index + 1) * (
         2 if a.kind == "BW" else 1))
     assert slow_last.makespan == 1 + 2 + 4 + 2
     assert slow_last.bubble[0] == pytest.approx(1 - 3 / 9)
 
 
 def test_zero_costs_give_zero_bubble() -> None:
-    result = simulate(one_f_one_b(2, 2), 2, 2, costs={"F": 0, "B": 0, "W": 0})
+    result = simulate(one_f_one_b(2, 2), looped(2), 2, costs={"F": 0, "B": 0, "W": 0})
     assert result.makespan == 0
     assert result.bubble == {0: 0.0, 1: 0.0}
 
@@ -350,7 +344,7 @@ def test_zero_costs_give_zero_bubble() -> None:
 )
 def test_bad_costs(costs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
-        simulate(one_f_one_b(2, 2), 2, 2, costs=costs)
+        simulate(one_f_one_b(2, 2), looped(2), 2, costs=costs)
 
 
 def test_format_summary() -> None:
@@ -366,7 +360,7 @@ rank  busy  bubble  peak_stash  peak_awaiting_b
 
 def test_negative_callable_cost_is_rejected() -> None:
     with pytest.raises(ValueError, match="cost of 0F0 must be non-negative, got -1"):
-        simulate(one_f_one_b(1, 1), 1, 1, costs=lambda action: -1)
+        simulate(one_f_one_b(1, 1), looped(1), 1, costs=lambda action: -1)
 
 
 def test_schedule_error_survives_pickling() -> None:
@@ -394,7 +388,7 @@ def traced_run(tmp_path_factory):
     from omegaconf import OmegaConf
 
     from pipeline.config import parse
-    from pipeline.trainer import train
+    from pipeline.training.trainer import train
     from tests.conftest import make_cfg
 
     run_dir = tmp_path_factory.mktemp("traced")
@@ -449,8 +443,8 @@ def test_from_trace_prints_the_prediction_beside_the_measured_step_time(traced_r
 
 
 def test_a_trace_json_reads_back_as_the_events_it_was_written_from(traced_run):
-    from pipeline import trace
-    from pipeline.traced_run import read_events
+    from pipeline.runtime import trace
+    from pipeline.training.traced_run import read_events
 
     written = trace.load_ranks(traced_run)  # the per-rank files trace.json was merged from, in ns
     read = read_events(traced_run / "trace.json")
@@ -518,10 +512,10 @@ def test_from_trace_refuses_overrides_and_a_warmup_past_the_last_logged_step(tra
 
 
 def test_measure_charges_the_latency_measured_between_two_processes(monkeypatch, tmp_path, capsys):
-    import pipeline.prediction
+    import pipeline.training.forecast
 
-    sizes = []  # stands in for pipeline.latency.message_latency_s (test_a_measured_message_latency_... runs it)
-    monkeypatch.setattr(pipeline.prediction, "message_latency_s", lambda nbytes: sizes.append(nbytes) or 1.234e-3)
+    sizes = []  # stands in for pipeline.runtime.latency.message_latency_s (test_a_measured_message_latency_... runs it)
+    monkeypatch.setattr(pipeline.training.forecast, "message_latency_s", lambda nbytes: sizes.append(nbytes) or 1.234e-3)
     code, out, _ = _simulate_cli(capsys, "--measure", "--png", str(tmp_path / "p.png"))
     assert code == 0 and sizes == [16 * 128 * 4]  # 16 rows of 128 float32 cross ranks
     assert out[0].endswith(", costs measured here, message latency 1.234 ms (measured: gloo between two "
@@ -534,7 +528,7 @@ def test_measure_charges_the_latency_measured_between_two_processes(monkeypatch,
 def test_a_measured_message_latency_is_positive_and_finite():
     import math
 
-    from pipeline.latency import measure
+    from pipeline.runtime.latency import measure
 
     (small,) = measure([8192], iters=5, repeats=1, busy_trials=3, timeout_s=50)
     assert small.nbytes == 8192
@@ -544,8 +538,8 @@ def test_a_measured_message_latency_is_positive_and_finite():
 
 
 def test_the_trace_latency_is_the_mean_over_receives_that_waited():
-    from pipeline.costs import message_latency
-    from pipeline.runtime import TraceEvent
+    from pipeline.planning.costs import message_latency
+    from pipeline.runtime.executor import TraceEvent
 
     events = {0: [TraceEvent(2, "0SEND_F0", 1_000, 1_010), TraceEvent(2, "0SEND_F1", 3_000, 3_010),
                   TraceEvent(2, "0SEND_F2", 5_000, 5_010)],
@@ -555,8 +549,8 @@ def test_the_trace_latency_is_the_mean_over_receives_that_waited():
 
 
 def test_step_gaps_are_per_step_and_per_rank():
-    from pipeline.costs import step_gaps
-    from pipeline.runtime import TraceEvent
+    from pipeline.planning.costs import step_gaps
+    from pipeline.runtime.executor import TraceEvent
 
     events = {0: [TraceEvent(1, "0F0", 0, 10), TraceEvent(2, "0F0", 30, 40), TraceEvent(3, "0F0", 45, 50)],
               1: [TraceEvent(2, "1F0", 10, 20), TraceEvent(3, "1F0", 120, 130)]}

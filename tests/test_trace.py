@@ -10,20 +10,13 @@ from pathlib import Path
 import pytest
 
 from pipeline.errors import UserError
-from pipeline.runtime import TraceEvent
-from pipeline.schedule import build_schedule, lower
-from pipeline.simulate import simulate
-from pipeline.trace import (
-    chrome_trace,
-    draw_timeline,
-    finish,
-    is_compute,
-    load_ranks,
-    measured_spans,
-    step_bubbles,
-    step_span_s,
-    write_rank,
-)
+from pipeline.runtime.executor import TraceEvent
+from pipeline.schedules.lowering import lower
+from pipeline.schedules.placement import looped
+from pipeline.schedules.registry import build_schedule
+from pipeline.schedules.simulator import simulate
+from pipeline.runtime.trace import (chrome_trace, draw_timeline, finish, is_compute, load_ranks, measured_spans,
+                                    step_bubbles, step_span_s, write_rank)
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -184,10 +177,10 @@ def test_measured_spans_are_ms_from_the_steps_start(events):
 
 def _simulated(name: str, ranks: int, mbs: int, virtual: int = 1, lowered: bool = False,
                costs: dict | None = None) -> dict[int, list[tuple[float, float, str]]]:
-    schedule = build_schedule(name, ranks, mbs, virtual)
+    schedule, placement = build_schedule(name, ranks, mbs, virtual)
     if lowered:
-        schedule = lower(schedule, ranks)
-    timeline = simulate(schedule, ranks, mbs, virtual, costs).timeline
+        schedule = lower(schedule, placement)
+    timeline = simulate(schedule, placement, mbs, costs).timeline
     return {rank: [(start, end, str(action)) for start, end, action in spans]
             for rank, spans in timeline.items()}
 
@@ -251,7 +244,7 @@ def test_draw_nothing_still_writes_a_picture(tmp_path):
 def test_a_traced_run_writes_the_merged_trace_timeline_and_bubbles(tmp_path):
     from dataclasses import replace
 
-    from pipeline.equivalence import pipelined, problem
+    from pipeline.training.equivalence import pipelined, problem
 
     conf = problem(schedule="zb_h1", ranks=2, microbatches=4)
     conf = replace(conf, trace=replace(conf.trace, enabled=True))
@@ -270,8 +263,8 @@ def test_a_traced_run_writes_the_merged_trace_timeline_and_bubbles(tmp_path):
 
 
 def test_message_latency_counts_only_receives_that_were_already_waiting():
-    from pipeline.costs import message_latency
-    from pipeline.runtime import TraceEvent
+    from pipeline.planning.costs import message_latency
+    from pipeline.runtime.executor import TraceEvent
 
     events = {
         0: [TraceEvent(2, "0SEND_F0", 1_000, 1_010), TraceEvent(2, "0SEND_F1", 5_000, 5_010),

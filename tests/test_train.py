@@ -5,10 +5,11 @@ import json
 import pytest
 import torch
 
-from pipeline import checkpoint
-from pipeline.export import export, main as export_main
-from pipeline.model import MLPSpec, torch_sequential
-from pipeline.trainer import train
+from pipeline.training import checkpoint
+from pipeline.export import main as export_main
+from pipeline.training.export import export
+from pipeline.mlp.model import MLPSpec, torch_sequential
+from pipeline.training.trainer import train
 from tests.conftest import make_cfg, run_cli
 
 pytestmark = pytest.mark.timeout(180)

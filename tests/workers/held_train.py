@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from pipeline import engine
+from pipeline.training import engine
 
 
 def freeze_clock(epoch: float) -> None:

@@ -12,10 +12,10 @@ from datetime import timedelta
 
 import torch.distributed as dist
 
-from pipeline.equivalence import problem
-from pipeline.trainer import train
-from pipeline.transport import PeerTimeout
-from pipeline.watchdog import write_hang_report
+from pipeline.training.equivalence import problem
+from pipeline.training.trainer import train
+from pipeline.runtime.transport import PeerTimeout
+from pipeline.training.watchdog import write_hang_report
 
 
 def main() -> int:

@@ -13,7 +13,7 @@ import runpy
 import signal
 import sys
 
-from pipeline import trainer
+from pipeline.training import trainer
 from pipeline.errors import DataError
 
 

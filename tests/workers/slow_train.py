@@ -9,7 +9,7 @@ import runpy
 import sys
 import time
 
-from pipeline import engine
+from pipeline.training import engine
 
 
 def main() -> None:

@@ -47,7 +47,7 @@ def measure(sizes: Sequence[int], iters: int = 200, repeats: int = 3, busy_trial
     plan = json.dumps({"sizes": sizes, "iters": iters, "repeats": repeats, "busy_trials": busy_trials})
     with tempfile.TemporaryDirectory(prefix="pipeline-latency-") as tmp:
         store = Path(tmp) / "store"  # a file rendezvous: no port to pick, none to collide
-        procs = [subprocess.Popen([sys.executable, "-m", "pipeline.latency", str(rank), str(store), plan],
+        procs = [subprocess.Popen([sys.executable, "-m", "pipeline.runtime.latency", str(rank), str(store), plan],
                                   env=_worker_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
                  for rank in range(2)]
         outputs = _wait(procs, timeout_s)

@@ -2,8 +2,8 @@
 timed on this machine, or read from the run's own trace (`python -m pipeline.simulate` prints them).
 
     predict(conf, ranks, measure)   FLOP counts (50 us a message), or each stage timed here and a
-                                    message timed between two processes (pipeline.latency)
-    predict_traced(run, warmup)     a traced run's costs (pipeline.traced_run), beside its measured step
+                                    message timed between two processes (runtime.latency)
+    predict_traced(run, warmup)     a traced run's costs (training.traced_run), beside its measured step
 """
 
 from __future__ import annotations
@@ -11,25 +11,28 @@ from __future__ import annotations
 import statistics
 from dataclasses import dataclass, replace
 
-from pipeline.costs import (flop_costs, from_trace, measured_costs, message_latency, peak_stash_bytes, step_gaps,
-                            time_update)
-from pipeline.engine import make_optimizer
+from pipeline.config import in_process
 from pipeline.errors import UserError
-from pipeline.latency import message_latency_s
-from pipeline.microbatch import sizes
-from pipeline.model import build_layers
-from pipeline.plan import make_plan, replica_batch
-from pipeline.simulate import SimResult, simulate
-from pipeline.stage import Stage
-from pipeline.trainer import load_data, model_spec
+from pipeline.mlp.microbatch import sizes
+from pipeline.mlp.model import MLPSpec, build_layers
+from pipeline.mlp.stage import Stage
+from pipeline.planning.costs import flop_costs, from_trace, measured_costs, message_latency, step_gaps, time_update
+from pipeline.planning.memory import peak_stash_bytes
+from pipeline.planning.plan import Plan, replica_batch
+from pipeline.planning.planner import make_plan
+from pipeline.runtime.latency import message_latency_s
+from pipeline.schedules.simulator import SimResult, simulate
+from pipeline.training.engine import make_optimizer
+from pipeline.training.setup import load_data, model_spec
+from pipeline.training.traced_run import TracedRun
 
 
 @dataclass
 class Prediction:
     """What the simulator expects of a configured run: step time, bubbles, stashes, the timeline."""
 
-    plan: object  # pipeline.plan.Plan
-    spec: object  # pipeline.model.MLPSpec
+    plan: Plan
+    spec: MLPSpec
     result: SimResult
     stash_bytes: dict[int, int]
     update_s: float  # the slowest rank's optimizer step, outside the schedule
@@ -43,7 +46,7 @@ class Prediction:
 
 def _configured(conf, ranks: int):
     """(conf, spec, plan, one replica's batch rows, rows per micro-batch) of `conf` on `ranks` ranks."""
-    conf = replace(conf, pipeline=replace(conf.pipeline, transport="inprocess", ranks=ranks))
+    conf = in_process(conf, ranks)
     spec = model_spec(conf, load_data(conf))
     plan = make_plan(conf, spec, 1, eval_rows=0)
     batch = replica_batch(conf)
@@ -52,7 +55,7 @@ def _configured(conf, ranks: int):
 
 def _simulated(conf, spec, plan, batch: int, costs) -> tuple[SimResult, dict[int, int]]:
     """The simulated step under `costs`, and each rank's peak stashed bytes."""
-    result = simulate(plan.train_schedule, plan.num_ranks, plan.num_microbatches, plan.virtual_stages, costs)
+    result = simulate(plan.train_schedule, plan.placement, plan.num_microbatches, costs)
     stash = peak_stash_bytes(plan.train_schedule, spec, list(plan.stage_layers), sizes(batch, plan.num_microbatches),
                              conf.pipeline.recompute)
     return result, stash
@@ -62,7 +65,7 @@ def predict(conf, ranks: int, measure: bool, latency_s: float | None = None, ban
     """Simulate `conf` on `ranks` ranks with FLOP-count costs or costs measured in this process.
 
     latency_s None: with `measure`, a message of the run's size timed between two processes
-    (pipeline.latency.message_latency_s); else the FLOP model's 50 us.
+    (runtime.latency.message_latency_s); else the FLOP model's 50 us.
     """
     conf, spec, plan, batch, rows = _configured(conf, ranks)
     stages = list(plan.stage_layers)
@@ -112,8 +115,8 @@ class TracedPrediction:
         return (self.pred.step_s - self.measured_s) / self.measured_s
 
 
-def predict_traced(run, warmup: int = 5, latency_s: float | None = None, bandwidth: float = 2e9) -> TracedPrediction:
-    """Simulate a traced run (a `pipeline.traced_run.TracedRun`) from the costs its trace shows.
+def predict_traced(run: TracedRun, warmup: int = 5, latency_s: float | None = None, bandwidth: float = 2e9) -> TracedPrediction:
+    """Simulate a traced run from the costs its trace shows.
 
     The steps after `warmup` count. Logged steps (the rows of metrics.jsonl) cost more than the
     others: after them the ranks run the row's collectives. So the time between schedules added

@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import UserError
-from pipeline.runtime import TraceEvent
-from pipeline.schedule import COMPUTE_KINDS, Action
+from pipeline.runtime.executor import TraceEvent
+from pipeline.schedules.actions import COMPUTE_KINDS, Action
 
 Spans = dict[int, list[tuple[float, float, str]]]  # rank -> (start, end, action name)
 EventsByRank = Mapping[int, Iterable[TraceEvent]]

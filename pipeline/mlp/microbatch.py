@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from pipeline.objective import add_regulariser_grad, loss_and_grad
-from pipeline.stage import Stage
+from pipeline.mlp.objective import add_regulariser_grad, loss_and_grad
+from pipeline.mlp.stage import Stage
 
 
 def sizes(batch_size: int, num_microbatches: int) -> list[int]:

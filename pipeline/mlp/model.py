@@ -13,7 +13,7 @@ from typing import Iterable
 import numpy as np
 import torch
 
-from pipeline.layers import Layer
+from pipeline.mlp.layers import Layer
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 

@@ -3,7 +3,7 @@
 Under torchrun a process runs one rank; with the in-process transport it runs all of them.
 Either way each rank steps the optimizer on its own stages' parameters only. With replicas
 (parallel.dp > 1) each trains on its share of the global batch and the stages' gradients are
-summed over the replicas (see data_parallel) before the regulariser and the update.
+summed over the replicas (see runtime.data_parallel) before the regulariser and the update.
 """
 
 from __future__ import annotations
@@ -13,14 +13,17 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from pipeline import checkpoint, microbatch, objective, trace
 from pipeline.config import Config
-from pipeline.data_parallel import GradReducer
-from pipeline.distributed import Comm
-from pipeline.model import MLPSpec, build_layers
-from pipeline.plan import Plan
-from pipeline.runtime import Runtime, StepResult, execute
-from pipeline.stage import Stage
+from pipeline.mlp import microbatch, objective
+from pipeline.mlp.model import MLPSpec, build_layers
+from pipeline.mlp.stage import Stage
+from pipeline.planning.memory import held_bytes
+from pipeline.planning.plan import Plan
+from pipeline.runtime import trace
+from pipeline.runtime.data_parallel import GradReducer
+from pipeline.runtime.distributed import Comm
+from pipeline.runtime.executor import Runtime, StepResult, execute
+from pipeline.training import checkpoint
 
 
 def make_optimizer(conf: Config, params: list[Tensor]) -> torch.optim.Optimizer:
@@ -39,7 +42,7 @@ class Engine:
         self.stages = {s: Stage(s, plan.num_stages, build_layers(spec, seed, plan.stage_layers[s], comm.device),
                                 recompute=conf.pipeline.recompute)
                        for r in comm.local_ranks for s in plan.stages_of(r)}
-        self.runtimes = {r: Runtime(r, plan.num_ranks, self._stages_of(r), comm.transports[r], loss_name)
+        self.runtimes = {r: Runtime(r, plan.placement, self._stages_of(r), comm.transports[r], loss_name)
                          for r in comm.local_ranks}
         self.optimizers = {r: make_optimizer(conf, [p for st in self._stages_of(r) for p in st.parameters()])
                            for r in comm.local_ranks}
@@ -136,8 +139,6 @@ class Engine:
     def stash_figures(self) -> dict[str, list[int]]:
         """Peak stashed micro-batches and bytes of every rank, and the bytes of its parameters, gradients
         and optimizer state, counted on the tensors (a collective: all ranks call it)."""
-        from pipeline.memory import held_bytes
-
         p = self.plan.num_ranks
         held = {r: held_bytes([q for st in self._stages_of(r) for q in st.parameters()], self.optimizers[r])
                 for r in self.comm.local_ranks}
@@ -204,8 +205,7 @@ class Engine:
 
     def first_reader(self, meta: dict, shard: int) -> int:
         """The lowest rank of this layout that reads `shard` of a checkpoint (it reports a damaged one)."""
-        held = lambda r: [i for s in self.plan.stages_of(r) for i in self.plan.stage_layers[s]]  # noqa: E731
-        return min(r for r in range(self.plan.num_ranks) if shard in checkpoint.shards_for(meta, held(r)))
+        return min(r for r in range(self.plan.num_ranks) if shard in checkpoint.shards_for(meta, self.plan.layers_of(r)))
 
     def restore(self, state: checkpoint.State) -> None:
         """Copy weights and optimizer state in place; torch's RNG from the shard of this process's first layer."""

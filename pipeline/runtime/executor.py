@@ -18,26 +18,18 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from contextlib import contextmanager
-from typing import Callable, Iterator, NamedTuple, Protocol
+from typing import Callable, Iterator, NamedTuple
 
 import torch
 from torch import Tensor
 
-from pipeline import objective
-from pipeline.schedule import Action, Schedule, stage_to_rank
-from pipeline.stage import Stage
-from pipeline.transport import ACTIVATION, GRADIENT, PeerTimeout, tag
+from pipeline.mlp import objective
+from pipeline.mlp.stage import Stage
+from pipeline.runtime.transport import ACTIVATION, GRADIENT, PeerTimeout, Transport, tag
+from pipeline.schedules.actions import Action, Schedule
+from pipeline.schedules.placement import Placement
 
 Key = tuple[int, int]  # (stage_index, mb_index)
-
-
-class Transport(Protocol):
-    def send(self, tensor: Tensor, dst: int, tag: int, what: str) -> None: ...
-    def can_recv(self, src: int, tag: int) -> bool: ...
-    def post(self, make_buffer: Callable[[], Tensor], src: int, tag: int) -> None: ...
-    def recv(self, src: int, tag: int, what: str, make_buffer: Callable[[], Tensor]) -> Tensor: ...
-    def pending_sends(self) -> list[str]: ...
-    def flush(self) -> None: ...
 
 
 class TraceEvent(NamedTuple):
@@ -85,8 +77,8 @@ class _StepState:
 class Runtime:
     """One rank: its stages, its transport, and the state of the step in progress."""
 
-    def __init__(self, rank: int, num_ranks: int, stages: list[Stage], transport: Transport, loss_name: str):
-        self.rank, self.num_ranks = rank, num_ranks
+    def __init__(self, rank: int, placement: Placement, stages: list[Stage], transport: Transport, loss_name: str):
+        self.rank, self.placement = rank, placement
         self.stages = {stage.stage_index: stage for stage in stages}
         self.num_stages = stages[0].num_stages
         self.transport, self.loss_name = transport, loss_name
@@ -229,7 +221,7 @@ class Runtime:
         """(peer rank, message tag) of a transfer; the tag names the sending stage."""
         s, mb = action.stage_index, action.mb_index
         sender = s if action.kind.startswith("SEND") else s + peer_offset
-        return stage_to_rank(s + peer_offset, self.num_ranks), tag(kind, sender, mb, self.num_stages)
+        return self.placement.rank_of(s + peer_offset), tag(kind, sender, mb, self.num_stages)
 
     def _SEND_F(self, s: int, mb: int) -> None:
         dst, t = self._route(Action(s, "SEND_F", mb), +1, ACTIVATION)

@@ -26,7 +26,7 @@ from typing import Any, Iterator
 
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline.distributed import Env, read_env
+from pipeline.runtime.distributed import Env, read_env
 from pipeline.errors import ConfigError
 
 LOCK = "run.lock"

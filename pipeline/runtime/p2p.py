@@ -1,44 +1,16 @@
-"""Moving activations and gradients between ranks: torch.distributed P2P, or in-process mailboxes.
-
-Both carry a tensor from one rank to another under a tag that names what it is (forward
-activation or input gradient, stage, micro-batch), so receives match sends in any order.
-Shapes are known from the model config: receives fill preallocated buffers and no message
-carries metadata. Sends never block (isend semantics); every wait is bounded by a timeout.
-"""
+"""torch.distributed point-to-point messages (gloo on CPUs, NCCL on GPUs): the transport of one rank per process."""
 
 from __future__ import annotations
 
 import re
-from collections import defaultdict, deque
-from datetime import timedelta
 from contextlib import contextmanager
+from datetime import timedelta
 from typing import Callable, Iterator
 
 import torch
 import torch.distributed as dist
 
-ACTIVATION, GRADIENT = 0, 1
-
-
-class PeerTimeout(RuntimeError):
-    """A peer did not answer within dist.timeout_s, or its connection broke.
-
-    `report` gathers what the waiting rank knew (its last actions, its pending sends) on the way
-    up, for hang_report.json.
-    """
-
-    def __init__(self, message: str):
-        super().__init__(message)
-        self.report: dict = {}
-
-
-class Terminated(PeerTimeout):
-    """The launcher ended this rank (SIGTERM), usually because a peer failed first."""
-
-
-def tag(kind: int, stage_index: int, mb_index: int, num_stages: int) -> int:
-    """A unique message tag per step: what (activation/gradient), from which stage, which micro-batch."""
-    return (mb_index * num_stages + stage_index) * 2 + kind
+from pipeline.runtime.transport import PeerTimeout
 
 
 class P2PTransport:
@@ -87,6 +59,11 @@ class P2PTransport:
             work, _, what = self.pending.pop(0)
             self._wait(work, what)
 
+    def close(self) -> None:
+        """Forget the receives posted for a step that did not run (after an error every wait would fail)."""
+        self.posted.clear()
+        self.pending.clear()
+
     def _wait(self, work: dist.Work, what: str) -> None:
         with self._lost_peer(what):
             work.wait(self.timeout)
@@ -103,42 +80,3 @@ class P2PTransport:
             reason = re.sub(r"^\[[^\]]*\]\s*", "", lines[0])  # drop gloo's source-file prefix
             raise PeerTimeout(f"rank {self.rank}: no answer within {self.timeout.total_seconds():g} s "
                               f"(dist.timeout_s) at {what} ({reason})") from None
-
-
-class Mailboxes:
-    """Messages in flight between the ranks that one process runs (the in-process transport)."""
-
-    def __init__(self):
-        self.queues: dict[tuple[int, int, int], deque[torch.Tensor]] = defaultdict(deque)
-
-    def endpoint(self, rank: int) -> "InProcessTransport":
-        return InProcessTransport(rank, self)
-
-
-class InProcessTransport:
-    """One rank's view of the shared mailboxes; a receive is possible once the send has happened."""
-
-    def __init__(self, rank: int, mailboxes: Mailboxes):
-        self.rank = rank
-        self.mailboxes = mailboxes
-
-    def send(self, tensor: torch.Tensor, dst: int, tag: int, what: str) -> None:
-        self.mailboxes.queues[(self.rank, dst, tag)].append(tensor.clone())  # a copy, like the wire
-
-    def can_recv(self, src: int, tag: int) -> bool:
-        return bool(self.mailboxes.queues.get((src, self.rank, tag)))
-
-    def post(self, make_buffer: Callable[[], torch.Tensor], src: int, tag: int) -> None:
-        pass  # a message waits in its mailbox until received: no buffer needed
-
-    def recv(self, src: int, tag: int, what: str, make_buffer: Callable[[], torch.Tensor]) -> torch.Tensor:
-        queue = self.mailboxes.queues.get((src, self.rank, tag))
-        if not queue:
-            raise PeerTimeout(f"rank {self.rank}: {what}: nothing was sent (in-process transport)")
-        return queue.popleft()  # already a copy, made by send
-
-    def pending_sends(self) -> list[str]:
-        return []
-
-    def flush(self) -> None:
-        pass

@@ -23,8 +23,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from pipeline.stage import Stage
-from pipeline.transport import PeerTimeout
+from pipeline.mlp.stage import Stage
+from pipeline.runtime.transport import PeerTimeout
 
 
 def flatten_grads(stage: Stage, bucket_bytes: int) -> list[Tensor]:

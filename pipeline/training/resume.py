@@ -6,12 +6,12 @@ import json
 import sys
 from pathlib import Path
 
-from pipeline import checkpoint
-from pipeline.checkpoint import DamagedCheckpoint
 from pipeline.config import Config
-from pipeline.engine import Engine
 from pipeline.errors import ConfigError, UserError
-from pipeline.model import MLPSpec
+from pipeline.mlp.model import MLPSpec
+from pipeline.training import checkpoint
+from pipeline.training.checkpoint import DamagedCheckpoint
+from pipeline.training.engine import Engine
 
 
 def resume_candidates(conf: Config, spec: MLPSpec, run_dir: Path) -> list[int]:

@@ -25,16 +25,15 @@ import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import Any, Iterable
 
 import torch
 from torch import Tensor
 
 from pipeline.errors import UserError
 
-if TYPE_CHECKING:
-    from pipeline.config import Config
-    from pipeline.model import MLPSpec
+from pipeline.config import Config
+from pipeline.mlp.model import MLPSpec
 
 STEP_PREFIX = "step_"
 META = "checkpoint.json"

@@ -4,8 +4,8 @@ Two sources, one shape: `flop_costs` counts multiply-adds (deterministic, the sa
 so `pipeline.schedule=auto` can use it without talking), and `measured_costs` times each stage's
 three operations on this machine. The simulator turns either into a predicted timeline.
 
-Per layer with n rows, fan-in a, fan-out b:  F = B = W = 2 n a b flops (one matrix product each);
-the stash of a micro-batch holds each layer's input x (n x a) and pre-activation z (n x b).
+Per layer with n rows, fan-in a, fan-out b:  F = B = W = 2 n a b flops (one matrix product each).
+What a micro-batch stashes is counted in pipeline.planning.memory.
 """
 
 from __future__ import annotations
@@ -17,10 +17,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from pipeline.layers import ACTIVATIONS
-from pipeline.model import MLPSpec, build_layers
-from pipeline.schedule import Action, Schedule
-from pipeline.stage import Stage
+from pipeline.mlp.model import MLPSpec, build_layers
+from pipeline.mlp.objective import add_regulariser_grad
+from pipeline.mlp.stage import Stage
+from pipeline.schedules.actions import Action
 
 KINDS = ("F", "B", "W")
 
@@ -53,36 +53,6 @@ class Costs:
 
 def layer_flops(spec: MLPSpec, index: int, rows: int) -> float:
     return 2.0 * rows * spec.dims[index] * spec.dims[index + 1]
-
-
-def stash_bytes(spec: MLPSpec, layers: range, rows: int, after_b: bool = False, recompute: bool = False) -> int:
-    """Bytes one micro-batch keeps stashed on a stage (see layers.Saved and stage.Stage).
-
-    Before B: each layer's input x, plus z where phi' needs it (gelu), plus the stage's output h
-    where phi' is written through h (relu, sigmoid, tanh; inside the stage h is the next input);
-    under recompute only the stage's input x (B rebuilds the rest).
-    After B (split B and W): each layer's x and dJ/dz, with or without recompute.
-    """
-    element = torch.empty((), dtype=spec.torch_dtype).element_size()
-    has_act = [i < spec.num_layers - 1 for i in range(spec.num_layers)]
-    from_output = ACTIVATIONS[spec.activation].from_output
-    if after_b:
-        return rows * element * sum(spec.dims[i] + spec.dims[i + 1] for i in layers)
-    if recompute:
-        return rows * element * spec.dims[layers[0]]
-    count = sum(spec.dims[i] + (spec.dims[i + 1] if has_act[i] and not from_output else 0) for i in layers)
-    if has_act[layers[-1]] and from_output:
-        count += spec.dims[layers[-1] + 1]
-    return rows * element * count
-
-
-def optimizer_bytes(conf, param_bytes: int, num_tensors: int) -> int:
-    """Optimizer state for `param_bytes` of parameters in `num_tensors` tensors. SGD: a momentum
-    buffer per parameter when momentum > 0; Adam: exp_avg and exp_avg_sq per parameter and a 0-d
-    step tensor per parameter tensor."""
-    if conf.optim.name == "adam":
-        return 2 * param_bytes + num_tensors * torch.tensor(0.0).element_size()
-    return param_bytes if conf.optim.momentum else 0
 
 
 def _message_bytes(spec: MLPSpec, stage_layers: list[range], rows: int) -> dict[int, int]:
@@ -129,34 +99,6 @@ def measured_costs(spec: MLPSpec, stage_layers: list[range], rows: int, seed: in
     return Costs(compute, _message_bytes(spec, stage_layers, rows), latency_s=latency_s, bandwidth=bandwidth)
 
 
-def live_stash_bytes(actions: list[Action], spec: MLPSpec, stage_layers: list[range], mb_sizes: list[int],
-                     recompute: bool = False) -> list[int]:
-    """Stashed bytes one rank holds after each of its actions, counted as the runtime counts them:
-    F adds a micro-batch's stash, B swaps it for its after-B size (x and dJ/dz), W and BW free it."""
-    before = {s: stash_bytes(spec, layers, 1, recompute=recompute) for s, layers in enumerate(stage_layers)}
-    after = {s: stash_bytes(spec, layers, 1, after_b=True) for s, layers in enumerate(stage_layers)}
-    live, held = 0, []
-    for a in actions:
-        s, rows = a.stage_index, mb_sizes[a.mb_index]
-        if a.kind == "F":
-            live += before[s] * rows
-        elif a.kind == "B":
-            live += (after[s] - before[s]) * rows
-        elif a.kind == "W":
-            live -= after[s] * rows
-        elif a.kind == "BW":
-            live -= before[s] * rows
-        held.append(live)
-    return held
-
-
-def peak_stash_bytes(schedule: Schedule, spec: MLPSpec, stage_layers: list[range],
-                     mb_sizes: list[int], recompute: bool = False) -> dict[int, int]:
-    """Per rank, the most stashed bytes held at once between two actions (see live_stash_bytes)."""
-    return {rank: max([0, *live_stash_bytes(actions, spec, stage_layers, mb_sizes, recompute)])
-            for rank, actions in schedule.items()}
-
-
 def layer_times(spec: MLPSpec, rows: int, seed: int = 0, repeats: int = 5) -> list[float]:
     """Measured seconds of F + B + W of every layer alone, on a micro-batch of `rows` rows."""
     times = []
@@ -168,7 +110,6 @@ def layer_times(spec: MLPSpec, rows: int, seed: int = 0, repeats: int = 5) -> li
 
 def time_update(stages: list[Stage], optimizer: torch.optim.Optimizer, l2: float, repeats: int = 5) -> float:
     """Median seconds of a rank's per-step work outside the schedule: zero_grad, lambda W, optimizer step."""
-    from pipeline.objective import add_regulariser_grad
 
     def update() -> None:
         for stage in stages:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Sequence
 
 from pipeline.errors import ConfigError
-from pipeline.model import MLPSpec
+from pipeline.mlp.model import MLPSpec
 
 
 def uniform(num_layers: int, num_stages: int) -> list[int]:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from pipeline.layers import Layer, Saved
+from pipeline.mlp.layers import Layer, Saved
 
 Stash = list[Saved]
 

@@ -30,10 +30,12 @@ from typing import Iterator
 import torch
 import torch.distributed as dist
 
-from pipeline import lifecycle
-from pipeline.config import DistConfig
+from pipeline.config import IN_PROCESS, P2P, DistConfig
 from pipeline.errors import ConfigError
-from pipeline.transport import Mailboxes, P2PTransport, PeerTimeout
+from pipeline.runtime import lifecycle
+from pipeline.runtime.inprocess import Mailboxes
+from pipeline.runtime.p2p import P2PTransport
+from pipeline.runtime.transport import PeerTimeout
 
 
 @dataclass(frozen=True)
@@ -184,9 +186,9 @@ def _bind_loopback(env: Env) -> None:
         os.environ["GLOO_SOCKET_IFNAME"] = "lo"
 
 
-def plan_devices(env: Env, transport: str, conf: DistConfig) -> tuple[torch.device, str | None]:
+def plan_devices(env: Env, in_process: bool, conf: DistConfig) -> tuple[torch.device, str | None]:
     """(device, backend or None when no process group is needed); raises ConfigError before any start."""
-    distributed = transport == "p2p" and env.world_size > 1
+    distributed = not in_process and env.world_size > 1
     device = device_for(conf.device, env, distributed)
     return device, backend_for(conf.backend, device) if distributed else None
 
@@ -238,15 +240,34 @@ def _groups(grid: Grid) -> tuple[dist.ProcessGroup | None, dist.ProcessGroup | N
 
 @contextmanager
 def connect(env: Env, num_ranks: int, transport: str, conf: DistConfig) -> Iterator[Comm]:
-    """The Comm for this process; starts (and later ends) the process group when one is needed.
+    """The Comm for this process over `transport` (a pipeline.transport name); starts (and later ends) the
+    process group when one is needed. `num_ranks` is p; under torchrun the world holds world_size / p replicas."""
+    if transport not in _TRANSPORTS:
+        raise ConfigError(f"pipeline.transport={transport!r} is unknown; pick one of {', '.join(_TRANSPORTS)}")
+    with _TRANSPORTS[transport](env, num_ranks, conf) as comm:
+        try:
+            yield comm
+        finally:
+            for endpoint in comm.transports.values():
+                endpoint.close()
 
-    `num_ranks` is p; under torchrun the world holds world_size / p replicas of the pipeline.
-    """
-    device, backend = plan_devices(env, transport, conf)
+
+@contextmanager
+def _in_process(env: Env, num_ranks: int, conf: DistConfig) -> Iterator[Comm]:
+    """Every rank in this process, messages through mailboxes: no process group."""
+    device, _ = plan_devices(env, True, conf)
+    mailboxes = Mailboxes()
+    ranks = list(range(num_ranks))
+    yield Comm(ranks, {r: mailboxes.endpoint(r) for r in ranks}, False, conf.timeout_s, device)
+
+
+@contextmanager
+def _point_to_point(env: Env, num_ranks: int, conf: DistConfig) -> Iterator[Comm]:
+    """One rank per process over torch.distributed (a world of one needs no group: it has no peer)."""
+    device, backend = plan_devices(env, False, conf)
     if backend is None:
-        mailboxes = Mailboxes()
-        ranks = list(range(num_ranks))
-        yield Comm(ranks, {r: mailboxes.endpoint(r) for r in ranks}, False, conf.timeout_s, device)
+        with _in_process(env, num_ranks, conf) as comm:
+            yield comm
         return
     owned = not dist.is_initialized()
     if owned:
@@ -258,8 +279,8 @@ def connect(env: Env, num_ranks: int, transport: str, conf: DistConfig) -> Itera
     grid = Grid(num_ranks, env.world_size // num_ranks, env.rank)
     pipeline_group, replica_group = _groups(grid)
     r = grid.pipeline_rank
-    transport_ = P2PTransport(r, conf.timeout_s, first_global_rank=grid.pipeline_ranks(grid.replica)[0])
-    comm = Comm([r], {r: transport_}, True, conf.timeout_s, device, grid.replica, grid.num_replicas,
+    endpoint = P2PTransport(r, conf.timeout_s, first_global_rank=grid.pipeline_ranks(grid.replica)[0])
+    comm = Comm([r], {r: endpoint}, True, conf.timeout_s, device, grid.replica, grid.num_replicas,
                 pipeline_group, replica_group)
     yield comm
     # Only after a clean run: wait for every peer, then close. After an error a peer may be gone
@@ -271,3 +292,7 @@ def connect(env: Env, num_ranks: int, transport: str, conf: DistConfig) -> Itera
             dist.destroy_process_group(group)
     if owned:
         dist.destroy_process_group()
+
+
+# pipeline.transport -> how this process's ranks reach each other: the one place a transport is chosen
+_TRANSPORTS = {P2P: _point_to_point, IN_PROCESS: _in_process}

@@ -15,9 +15,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from pipeline.checkpoint import atomic_write_bytes
-from pipeline.distributed import read_env
-from pipeline.transport import PeerTimeout
+from pipeline.runtime.distributed import read_env
+from pipeline.runtime.transport import PeerTimeout
+from pipeline.training.checkpoint import atomic_write_bytes
 
 REPORT = "hang_report.json"
 LOCK_WAIT_S = 5.0  # a hang report must never hang: past this, merge without the lock

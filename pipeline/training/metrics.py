@@ -1,13 +1,19 @@
-"""What a run reports: rows of metrics.jsonl, a progress bar on a terminal, and the summary line."""
+"""What a run reports: rows of metrics.jsonl (written and read back), a progress bar on a terminal, the summary line."""
 
 from __future__ import annotations
 
 import json
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
+
+from pipeline.errors import UserError
+
+TRAIN_KEYS = ("step", "loss")
+EVAL_KEYS = ("step", "test_accuracy")
 
 
 class MetricsLog:
@@ -60,3 +66,46 @@ def summary_line(summary: dict[str, Any]) -> str:
     for key, value in summary.items():
         parts.append(f"{key}={value:.4g}" if isinstance(value, float) else f"{key}={value}")
     return "pipeline: done " + " ".join(parts)
+
+
+@dataclass
+class Metrics:
+    """The rows of one metrics.jsonl that this report draws; any other row is ignored."""
+
+    train: list[dict[str, Any]] = field(default_factory=list)
+    evals: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _parse_line(path: Path, number: int, line: str) -> dict[str, Any]:
+    """One JSON object per line; anything else is a malformed file."""
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise UserError(f"{path} line {number}: not valid JSON ({err.msg})") from err
+    if not isinstance(row, dict):
+        raise UserError(f"{path} line {number}: expected a JSON object, got {type(row).__name__}")
+    return row
+
+
+def load_metrics(run_dir: str | Path) -> Metrics:
+    """Read RUN_DIR/metrics.jsonl into training and evaluation rows; UserError names what is wrong."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise UserError(f"{run_dir}: no such run directory")
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        raise UserError(f"{path}: missing; is {run_dir} a run directory of python -m pipeline.train?")
+    metrics = Metrics()
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if line.strip():
+            _sort_row(metrics, _parse_line(path, number, line))
+    if not metrics.train and not metrics.evals:
+        raise UserError(f"{path}: empty (no training or evaluation rows)")
+    return metrics
+
+
+def _sort_row(metrics: Metrics, row: dict[str, Any]) -> None:
+    if all(key in row for key in TRAIN_KEYS):
+        metrics.train.append(row)
+    elif all(key in row for key in EVAL_KEYS):
+        metrics.evals.append(row)

@@ -13,10 +13,14 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
 from pipeline.config import Config, parse
 from pipeline.errors import UserError
-from pipeline.runtime import TraceEvent
-from pipeline.schedule import Action
+from pipeline.runtime.executor import TraceEvent
+from pipeline.schedules.actions import Action
+from pipeline.training.metrics import load_metrics
 
 RERUN = "rerun with trace.enabled=true"
 
@@ -41,7 +45,7 @@ def load(run_dir: str | Path) -> TracedRun:
     if not trace_path.is_file():
         raise UserError(f"{run_dir} has no trace.json, so the run was not traced; {RERUN}")
     events = read_events(trace_path)
-    rows = _train_rows(run_dir)
+    rows = load_metrics(run_dir).train
     return TracedRun(run_dir, read_config(run_dir), events,
                      {r["step"]: float(r["step_time_s"]) for r in rows if _is_number(r.get("step_time_s"))},
                      {r["step"]: r["bubble"] for r in rows if isinstance(r.get("bubble"), list)})
@@ -49,9 +53,6 @@ def load(run_dir: str | Path) -> TracedRun:
 
 def read_config(run_dir: Path) -> Config:
     """The checked config the run wrote to .hydra/config.yaml."""
-    from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
-
     path = run_dir / ".hydra" / "config.yaml"
     if not path.is_file():
         raise UserError(f"{path} is missing; --from-trace reads the config that python -m pipeline.train wrote there")
@@ -79,12 +80,6 @@ def read_events(path: Path) -> dict[int, list[TraceEvent]]:
     if not events:
         raise UserError(f"{path} holds no actions; {RERUN}")
     return {rank: sorted(evs, key=lambda e: e.start_ns) for rank, evs in sorted(events.items())}
-
-
-def _train_rows(run_dir: Path) -> list[dict]:
-    from pipeline.report import load_metrics
-
-    return load_metrics(run_dir).train
 
 
 def _is_number(value: object) -> bool:

@@ -1,0 +1,49 @@
+"""The one registry of schedules: name -> builder, whether it takes virtual stages, the placement it assumes.
+
+Config validation, the commands, the planner, the equivalence check, the tests and the benchmarks read
+it; to add a schedule, write its builder and add its line here.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+from pipeline.schedules import builders
+from pipeline.schedules.actions import Schedule
+from pipeline.schedules.placement import Placement, looped
+
+
+class Entry(NamedTuple):
+    """What the registry knows of one schedule."""
+
+    build: Callable[[int, int, int], Schedule]  # (num_ranks, num_microbatches, virtual_stages) -> actions
+    placement: Callable[[int, int], Placement]  # (num_ranks, virtual_stages) -> stage -> rank
+    virtual: bool  # takes virtual_stages > 1
+
+
+class Program(NamedTuple):
+    """A built schedule: each rank's actions and the placement they assume."""
+
+    actions: Schedule
+    placement: Placement
+
+
+SCHEDULES: dict[str, Entry] = {
+    "gpipe": Entry(builders.gpipe, looped, virtual=True),
+    "1f1b": Entry(builders.one_f_one_b, looped, virtual=False),
+    "interleaved_1f1b": Entry(builders.interleaved_1f1b, looped, virtual=True),
+    "zb_h1": Entry(builders.zb_h1, looped, virtual=False),
+}
+VIRTUAL: frozenset[str] = frozenset(name for name, entry in SCHEDULES.items() if entry.virtual)
+
+
+def build_schedule(name: str, num_ranks: int, num_microbatches: int, virtual_stages: int = 1) -> Program:
+    """The compute-only schedule called `name` and its placement; ValueError for unknown names or bad counts."""
+    if name not in SCHEDULES:
+        raise ValueError(f"unknown schedule {name!r}; choose one of {', '.join(SCHEDULES)}")
+    entry = SCHEDULES[name]
+    if isinstance(virtual_stages, int) and virtual_stages > 1 and not entry.virtual:
+        raise ValueError(f"{name}: virtual_stages must be 1, got {virtual_stages} "
+                         f"(schedules with virtual stages: {', '.join(sorted(VIRTUAL))})")
+    actions = entry.build(num_ranks, num_microbatches, virtual_stages)
+    return Program(actions, entry.placement(num_ranks, virtual_stages))
