@@ -18,9 +18,10 @@ and against autograd's double backward (the oracle), both in float64, and times 
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -30,8 +31,9 @@ from pipeline.errors import ConfigError
 from pipeline.mlp import microbatch
 from pipeline.mlp.gradcheck import autograd_objective, load_into
 from pipeline.mlp.layers import Layer
-from pipeline.mlp.model import MLPSpec, build_layers, torch_sequential
+from pipeline.mlp.model import MLPSpec, torch_sequential
 from pipeline.mlp.objective import loss_and_grad
+from pipeline.mlp.stage import Stage
 
 Block = tuple[Tensor, Tensor | None]  # v's part for one layer: (V, R{b}), R{b} None without bias
 
@@ -54,7 +56,7 @@ SECOND: dict[str, Callable[[Tensor], Tensor] | None] = {
 def check_supported(activation: str) -> None:
     """H v needs phi''; an activation without one in SECOND is refused with one line."""
     if activation not in SECOND:
-        raise ConfigError(f"model.activation={activation!r} has no second derivative in pipeline/hvp.py; "
+        raise ConfigError(f"model.activation={activation!r} has no second derivative in pipeline/mlp/hvp.py; "
                           f"pick one of {', '.join(SECOND)}")
 
 

@@ -19,7 +19,7 @@ made, x and h together) is left out of both, as the runtime leaves it out of the
 pipeline.recompute=true the stash shrinks to each stage's input x, and the `rebuild` column adds
 what a backward briefly holds while it recomputes its micro-batch's stash (the runtime counts
 between actions, so that part is predicted, not measured). Prediction's rows are the trainer's eval
-micro-batch (test rows / eval micro-batches) unless --predict-rows says otherwise.
+micro-batch (test rows / eval micro-batches) unless told otherwise (training.footprint).
 
 Before training, `check_fits` holds each memory's ranks' parameters, gradients and optimizer state
 against what that memory has free, so an impossible model is refused before it is allocated.

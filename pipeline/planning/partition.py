@@ -1,7 +1,7 @@
-"""Layers -> stages -> ranks: contiguous cuts of the layer list, placed looped over the ranks.
+"""Layers -> stages: contiguous cuts of the layer list (which rank holds each stage is the schedule's placement).
 
-With p ranks and v virtual stages per rank there are p*v stages; stage s lives on rank s mod p,
-so rank r holds stages r, r+p, r+2p, ... (v = 1: stage s is rank s).
+With p ranks and v virtual stages per rank there are p*v stages; under the looped placement
+(schedules.placement.looped) stage s lives on rank s mod p.
 
     4 layers, p=2, v=1, uniform:   stage 0 = layers [0, 1] on rank 0 | stage 1 = layers [2, 3] on rank 1
 """

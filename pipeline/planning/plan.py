@@ -20,7 +20,7 @@ from pipeline.schedules.actions import Schedule
 from pipeline.schedules.builders import forward_only
 from pipeline.schedules.lowering import fuse_backward, lower
 from pipeline.schedules.placement import Placement
-from pipeline.schedules.registry import SCHEDULES, VIRTUAL, build_schedule
+from pipeline.schedules.registry import VIRTUAL, build_schedule
 from pipeline.schedules.simulator import validate
 
 

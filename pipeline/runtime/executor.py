@@ -246,7 +246,7 @@ class Runtime:
         return src, t, lambda: torch.empty(shape, dtype=stage.dtype, device=stage.device)
 
     def post_receives(self, actions: list[Action]) -> None:
-        """Post every receive of this step up front into its own buffer (see P2PTransport.post)."""
+        """Post every receive of this step up front into its own buffer (see runtime.p2p.P2PTransport.post)."""
         for action in actions:
             if action.kind in ("RECV_F", "RECV_B"):
                 src, t, make_buffer = self._incoming(action)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import io
 import itertools
-import tempfile
 from dataclasses import replace
 from pathlib import Path
 from typing import Iterator
@@ -19,7 +18,7 @@ from typing import Iterator
 import torch
 
 from pipeline import config
-from pipeline.config import Config
+from pipeline.config import IN_PROCESS, Config
 from pipeline.mlp import microbatch
 from pipeline.mlp.model import build_layers
 from pipeline.mlp.stage import Stage
@@ -40,7 +39,7 @@ PROBLEM = {
              "test_fraction": 0.2, "shuffle": True},
     "optim": {"name": "sgd", "lr": 0.2, "momentum": 0.5},
     "pipeline": {"schedule": "1f1b", "microbatches": 1, "virtual_stages": 1, "partition": "uniform",
-                 "transport": "inprocess", "ranks": 1},
+                 "transport": IN_PROCESS, "ranks": 1},
     "train": {"steps": 4, "batch_size": 10, "seed": 3, "log_every": 2, "eval_every": 4},
     "loss": {"name": "cross_entropy", "l2": 0.05},
     "checkpoint": {"save_initial": False},
