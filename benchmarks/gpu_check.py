@@ -32,9 +32,8 @@ from pipeline.engine import Engine
 from pipeline.equivalence import difference, pipelined, problem, reference
 from pipeline.model import MLPSpec
 from pipeline.plan import make_plan
-from pipeline.schedule import VIRTUAL
+from pipeline.schedule import SCHEDULES, VIRTUAL
 
-SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b", "zb_h1")
 MODELS = {"default": ((256, *[1024] * 8, 10), 256, 8), "tiny": ((16, *[16] * 7, 4), 16, 4)}  # 9 and 8 layers
 
 

@@ -24,12 +24,11 @@ import socket
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch.multiprocessing as mp
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from pipeline.latency import measure  # noqa: E402  (the one implementation; simulate --measure uses it)
+import harness
+from pipeline.latency import measure  # the one implementation; simulate --measure uses it
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -102,12 +101,12 @@ def main(argv: list[str] | None = None) -> int:
     tcp = tcp_pingpong(args.sizes, args.iters, args.repeats)
     print(f"one-way message time, two processes on this machine ({os.cpu_count()} CPU(s)), "
           f"median of {args.repeats} blocks of {args.iters} round trips\n")
-    print("| message KiB | gloo isend/irecv µs | TCP socket µs | gloo / TCP | gloo, sender computing: median µs | "
-          "mean µs | 90th percentile µs |")
-    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
-    for kib, g in zip(args.sizes, gloo):
-        print(f"| {kib:g} | {g.pingpong_s * 1e6:.1f} | {tcp[kib] * 1e6:.1f} | {g.pingpong_s / tcp[kib]:.2f} | "
-              f"{g.busy_s * 1e6:.1f} | {g.busy_mean_s * 1e6:.1f} | {g.busy_p90_s * 1e6:.1f} |")
+    print("\n".join(harness.table(
+        ["message KiB", "gloo isend/irecv µs", "TCP socket µs", "gloo / TCP", "gloo, sender computing: median µs",
+         "mean µs", "90th percentile µs"], "rrrrrrr",
+        ([f"{kib:g}", f"{g.pingpong_s * 1e6:.1f}", f"{tcp[kib] * 1e6:.1f}", f"{g.pingpong_s / tcp[kib]:.2f}",
+          f"{g.busy_s * 1e6:.1f}", f"{g.busy_mean_s * 1e6:.1f}", f"{g.busy_p90_s * 1e6:.1f}"]
+         for kib, g in zip(args.sizes, gloo)))))
     return 0
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import json
 import re
 import shutil
 import statistics
@@ -22,14 +21,16 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import vs_builtin as vb  # noqa: E402
+import harness
+import vs_builtin as vb
+from harness import median, ms
+from pipeline.schedule import SCHEDULES
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python benchmarks/profile_ours.py", description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=tuple(vb.MODELS), default="default")
-    parser.add_argument("--schedule", choices=vb.SCHEDULES, default="1f1b")
+    parser.add_argument("--schedule", choices=tuple(SCHEDULES), default="1f1b")
     parser.add_argument("--microbatches", type=int, default=8)
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=3)
@@ -42,44 +43,33 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def worker(args: argparse.Namespace) -> int:
-    import torch
-    import torch.distributed as dist
-    from datetime import timedelta
+def work(args: argparse.Namespace, rank: int) -> dict:
+    """One worker's run (in harness.worker_main): our side traced at p = 2, then at p = 1 on rank 0."""
+    bench = vb.Bench(args, rank)
+    v = vb.stages_per_rank(args.schedule)
+    ours = bench.ours(args.schedule, args.microbatches, v)
+    bench.timed(ours, args.warmup)
+    bench.timed_steps.clear()
+    times = bench.timed(ours, args.steps)
+    events = [(e.name, (e.end_ns - e.start_ns) / 1e6) for r in ours.engine.runtimes.values()
+              for e in r.events if e.step in bench.timed_steps]
+    result = {"breakdown": harness.all_gather(ours.breakdown(bench.timed_steps)), "times": times,
+              "events": harness.all_gather(events)}
+    ours.close()
+    seq_events: list = []
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", timeout=timedelta(seconds=args.timeout))
-    try:
-        bench = vb.Bench(args, dist.get_rank())
-        v = vb.VIRTUAL.get(args.schedule, 1)
-        ours = bench.ours(args.schedule, args.microbatches, v)
-        bench.timed(ours, args.warmup)
+    def alone():  # the same stages at p = 1 on rank 0, while rank 1 waits idle at a barrier
+        seq = bench.ours(args.schedule, args.microbatches, v, single=True)
+        bench.timed(seq, args.warmup, distributed=False, record=False)
         bench.timed_steps.clear()
-        times = bench.timed(ours, args.steps)
-        events = [(e.name, (e.end_ns - e.start_ns) / 1e6) for r in ours.engine.runtimes.values()
-                  for e in r.events if e.step in bench.timed_steps]
-        result = {"breakdown": bench.all_gather(ours.breakdown(bench.timed_steps)), "times": times,
-                  "events": bench.all_gather(events)}
-        ours.close()
-        seq_events: list = []
+        result["seq_times"] = bench.timed(seq, args.steps, distributed=False)
+        seq_events.extend((e.name, (e.end_ns - e.start_ns) / 1e6) for r in seq.engine.runtimes.values()
+                          for e in r.events if e.step in bench.timed_steps)
+        seq.close()
 
-        def alone():  # the same stages at p = 1 on rank 0, while rank 1 waits idle at a barrier
-            seq = bench.ours(args.schedule, args.microbatches, v, single=True)
-            bench.timed(seq, args.warmup, distributed=False, record=False)
-            bench.timed_steps.clear()
-            result["seq_times"] = bench.timed(seq, args.steps, distributed=False)
-            seq_events.extend((e.name, (e.end_ns - e.start_ns) / 1e6) for r in seq.engine.runtimes.values()
-                              for e in r.events if e.step in bench.timed_steps)
-            seq.close()
-
-        bench.single_process(alone)
-        result["seq_events"] = seq_events
-        if bench.rank == 0:
-            args.worker_result.write_text(json.dumps(result))
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
-    return 0
+    harness.alone(alone)
+    result["seq_events"] = seq_events
+    return result
 
 
 def stage_compute(events: list, steps: int) -> dict[int, float]:
@@ -144,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     if args.worker_result is not None:
-        return worker(args)
+        return harness.worker_main(args.timeout, args.worker_result, lambda rank: work(args, rank))
     wrap = None
     if args.py_spy:
         spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
@@ -152,9 +142,10 @@ def main(argv: list[str] | None = None) -> int:
         wrap = lambda rank: [spy, "record", "--native", "--idle", "-r", str(args.rate), "-f", "raw",  # noqa: E731
                              "-o", str(args.py_spy / f"rank{rank}.txt"), "--"]
     with tempfile.TemporaryDirectory(prefix="profile_ours_") as workdir:
-        res = vb.launch(argv, args, Path(workdir), script=Path(__file__), wrap=wrap)
+        # its errors have always been worded as vs_builtin's, whose workers it runs
+        res = harness.launch(Path(__file__), argv, vb.P, Path(workdir), args.timeout, "vs_builtin", wrap=wrap)
     print(f"## ours: model={args.model} schedule={args.schedule} m={args.microbatches} p={vb.P}, "
-          f"{args.steps} traced steps; median step {vb.ms(vb.median(res['times']))} ms\n")
+          f"{args.steps} traced steps; median step {ms(median(res['times']))} ms\n")
     print(vb.breakdown_table({"configs": [{"schedule": args.schedule, "m": args.microbatches,
                                            "breakdown": res["breakdown"]}]}))
     print("\nper action kind: count per step, median / 90th percentile / max ms")
@@ -169,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     p2 = [sum(stage_compute(events, args.steps).values()) for events in res["events"]]
     print(f"\ncompute (F+B+W+BW), ms per step: p=2 rank 0 {p2[0]:.1f} + rank 1 {p2[1]:.1f} = {sum(p2):.1f} "
           f"(both processes busy) vs p=1 {p1:.1f} (one process, the other core idle): {sum(p2) / p1:.2f}x; "
-          f"median step p=1 (T_seq) {vb.ms(vb.median(res['seq_times']))} ms")
+          f"median step p=1 (T_seq) {ms(median(res['seq_times']))} ms")
     if args.py_spy:
         for rank in range(vb.P):
             print()

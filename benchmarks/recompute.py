@@ -18,16 +18,15 @@ stash columns are the measured peak_stash_bytes per rank next to what pipeline.m
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 import torch
 
+import harness
+from harness import MODEL_OVERRIDES, alternating
 from pipeline import data as datasets
 from pipeline.config import compose
 from pipeline.distributed import connect, read_env
@@ -36,18 +35,10 @@ from pipeline.memory import calculate
 from pipeline.plan import make_plan
 from pipeline.trainer import as_tensors, load_data, model_spec
 
-ROOT = Path(__file__).resolve().parents[1]
-MODELS = {  # the two models of benchmarks/README.md
-    "default": ["model.hidden=[1024,1024,1024,1024,1024,1024,1024,1024]", "data=synthetic", "data.dim=256",
-                "data.classes=10", "data.n=4096", "train.batch_size=256", "optim.lr=0.01"],
-    "small": ["model.hidden=[64,64,64,64,64,64,64,64]", "data=synthetic", "data.dim=256", "data.classes=10",
-              "train.batch_size=64", "optim.lr=0.01"],
-}
-
 
 def run_args(args: argparse.Namespace, recompute: bool) -> list[str]:
     """The overrides of one side: the model, the user's overrides, the run's length, recompute."""
-    return [*MODELS[args.model], "pipeline.microbatches=8", *args.overrides, f"train.steps={args.steps}",
+    return [*MODEL_OVERRIDES[args.model], "pipeline.microbatches=8", *args.overrides, f"train.steps={args.steps}",
             "train.log_every=1", f"train.eval_every={args.steps}", f"pipeline.recompute={str(recompute).lower()}"]
 
 
@@ -67,7 +58,7 @@ def in_process(args: argparse.Namespace) -> tuple[dict[bool, list[float]], dict[
         engines = {False: Engine(confs[False], spec, plan, comm_off), True: Engine(confs[True], spec, plan, comm_on)}
         for step in range(1, args.steps + 1):
             rows = torch.as_tensor(sampler.indices(step - 1))
-            for flag in ((False, True) if step % 2 else (True, False)):
+            for flag in alternating((False, True), step - 1):
                 start = time.perf_counter()
                 engines[flag].train_step(x_train[rows], y_train[rows], step)
                 engines[flag].update()
@@ -81,13 +72,10 @@ def under_torchrun(args: argparse.Namespace) -> tuple[dict[bool, list[float]], d
     medians: dict[bool, list[float]] = {False: [], True: []}
     stash: dict[bool, list[int]] = {}
     for repeat in range(args.repeats):
-        for flag in ((False, True) if repeat % 2 == 0 else (True, False)):
+        for flag in alternating((False, True), repeat):
             with tempfile.TemporaryDirectory() as run_dir:
-                cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                       f"--nproc-per-node={args.ranks}", "-m", "pipeline.train", *run_args(args, flag),
-                       f"hydra.run.dir={run_dir}"]
-                subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, timeout=900)
-                rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+                harness.torchrun_train(run_args(args, flag), args.ranks, run_dir).check_returncode()
+                rows = harness.metrics(run_dir)
             medians[flag].append(statistics.median(r["step_time_s"] for r in rows
                                                    if "step_time_s" in r and r["step"] > args.warmup))
             stash[flag] = next(r["peak_stash_bytes"] for r in rows if "peak_stash_bytes" in r)
@@ -100,7 +88,7 @@ def kib(values: list[int]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", choices=sorted(MODELS), default="default")
+    parser.add_argument("--model", choices=sorted(MODEL_OVERRIDES), default="default")
     parser.add_argument("--ranks", type=int, default=2, help="pipeline ranks p (default 2)")
     parser.add_argument("--steps", type=int, default=30, help="steps per side (default 30)")
     parser.add_argument("--warmup", type=int, default=3, help="first steps left out of the medians (default 3)")

@@ -18,47 +18,38 @@ simulation with the traced costs, and the bubble the traced run measured (median
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
-import subprocess
 import sys
 import tempfile
-from pathlib import Path
 from typing import NamedTuple
 
 import torch
 
+import harness
+from harness import MODEL_OVERRIDES
 from pipeline import trace
 from pipeline.config import compose
 from pipeline.costs import from_trace
 from pipeline.prediction import Prediction, predict
+from pipeline.schedule import SCHEDULES
 from pipeline.simulate import simulate
-
-ROOT = Path(__file__).resolve().parents[1]
-MODELS = {
-    "default": ["model.hidden=[1024,1024,1024,1024,1024,1024,1024,1024]", "data=synthetic", "data.dim=256",
-                "data.classes=10", "data.n=4096", "train.batch_size=256", "optim.lr=0.01"],
-    "small": ["model.hidden=[64,64,64,64,64,64,64,64]", "data=synthetic", "data.dim=256", "data.classes=10",
-              "train.batch_size=64", "optim.lr=0.01"],
-}
-SCHEDULES = {"gpipe": 1, "1f1b": 1, "interleaved_1f1b": 2, "zb_h1": 1}
+from vs_builtin import stages_per_rank
 
 
 def overrides(model: str, schedule: str, m: int) -> list[str]:
-    return MODELS[model] + [f"pipeline.schedule={schedule}", f"pipeline.microbatches={m}",
-                            f"pipeline.virtual_stages={SCHEDULES[schedule]}"]
+    """The run of one schedule, at the stages per rank vs_builtin.py compares it at."""
+    return MODEL_OVERRIDES[model] + [f"pipeline.schedule={schedule}", f"pipeline.microbatches={m}",
+                                     f"pipeline.virtual_stages={stages_per_rank(schedule)}"]
 
 
 def torchrun(args: list[str], steps: int, run_dir: str, traced: bool) -> list[dict]:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m",
-           "pipeline.train", *args, f"train.steps={steps}", "train.log_every=1", f"train.eval_every={steps}",
-           f"trace.enabled={str(traced).lower()}", f"hydra.run.dir={run_dir}"]
-    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    done = harness.torchrun_train([*args, f"train.steps={steps}", "train.log_every=1", f"train.eval_every={steps}",
+                                   f"trace.enabled={str(traced).lower()}"], 2, run_dir)
     if done.returncode != 0:
         tail = "\n".join((done.stdout + done.stderr).strip().splitlines()[-15:])
         raise SystemExit(f"error: a {'traced ' if traced else ''}torchrun run failed (exit {done.returncode}): "
                          f"{' '.join(args)}\n{tail}")
-    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    return harness.metrics(run_dir)
 
 
 def median_step(rows: list[dict], warmup: int) -> float:
@@ -102,7 +93,7 @@ def unit_bubble(plan) -> dict:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", choices=sorted(MODELS), default="default")
+    parser.add_argument("--model", choices=sorted(MODEL_OVERRIDES), default="default")
     parser.add_argument("--microbatches", type=int, default=8)
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=5)
@@ -110,9 +101,9 @@ def main() -> int:
     args = parser.parse_args()
     torch.set_num_threads(1)
     print(f"model {args.model}, p=2, m={args.microbatches}, {args.steps} steps (medians after {args.warmup})\n")
-    print("| schedule | one-process profile (ms) | traced-run profile (ms) | measured (ms) | error one-process | "
-          "error traced | traced run's own step (ms) | error traced vs it | traced message latency (ms) |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("\n".join(harness.table(["schedule", "one-process profile (ms)", "traced-run profile (ms)", "measured (ms)",
+                                  "error one-process", "error traced", "traced run's own step (ms)",
+                                  "error traced vs it", "traced message latency (ms)"], "lrrrrrrrr")))
     bubbles, latency = [], None
     for name in args.schedules.split(","):
         extra = overrides(args.model, name, args.microbatches)
@@ -125,16 +116,16 @@ def main() -> int:
         with tempfile.TemporaryDirectory() as run_dir:
             real = median_step(torchrun(extra, args.steps, run_dir, traced=False), args.warmup)
         own = traced.step_s
-        print(f"| {name} | {alone * 1e3:.1f} | {traced.predicted_s * 1e3:.1f} | {real * 1e3:.1f} | "
-              f"{(alone - real) / real:+.1%} | {(traced.predicted_s - real) / real:+.1%} | {own * 1e3:.1f} | "
-              f"{(traced.predicted_s - own) / own:+.1%} | {traced.latency_s * 1e3:.2f} |", flush=True)
+        print(harness.row([name, f"{alone * 1e3:.1f}", f"{traced.predicted_s * 1e3:.1f}", f"{real * 1e3:.1f}",
+                           f"{(alone - real) / real:+.1%}", f"{(traced.predicted_s - real) / real:+.1%}",
+                           f"{own * 1e3:.1f}", f"{(traced.predicted_s - own) / own:+.1%}",
+                           f"{traced.latency_s * 1e3:.2f}"]), flush=True)
     print("\nBubble per rank (r0 / r1): idle fraction of the step\n")
-    print("| schedule | theory, unit costs | simulated, traced costs | measured, traced run |")
-    print("| --- | ---: | ---: | ---: |")
-    for name, unit, simulated, measured in bubbles:
-        cells = [" / ".join(f"{b:.1%}" for b in values) for values in
-                 ([unit[0], unit[1]], [simulated[0], simulated[1]], measured)]
-        print(f"| {name} | {' | '.join(cells)} |")
+    print("\n".join(harness.table(
+        ["schedule", "theory, unit costs", "simulated, traced costs", "measured, traced run"], "lrrr",
+        ([name, *(" / ".join(f"{b:.1%}" for b in values) for values in
+                  ([unit[0], unit[1]], [simulated[0], simulated[1]], measured))]
+         for name, unit, simulated, measured in bubbles))))
     return 0
 
 

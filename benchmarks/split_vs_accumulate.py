@@ -55,8 +55,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -64,11 +62,8 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from pipeline.errors import ConfigError, UserError, exit_with  # noqa: E402
+import harness
+from pipeline.errors import ConfigError, UserError, exit_with
 
 MIB = 2 ** 20
 GRAD_RTOL = 1e-12  # float64: pipelined and accumulated gradients agree to this relative difference
@@ -190,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
         draw(args, results, args.plot)
         print(f"\nplot: {args.plot}")
     if args.json:
-        args.json.write_text(json.dumps(results, indent=1))
+        harness.write_json(args.json, results)
     return 0
 
 
@@ -200,60 +195,28 @@ def job_of(args: argparse.Namespace, config: dict, dtype: str, mode: str, out: P
             "warmup": args.warmup, "timeout": args.timeout, "out": str(out), "malloc_default": args.malloc_default}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start(job: dict) -> list[subprocess.Popen]:
-    """The job's processes, as torchrun would start them: RANK, WORLD_SIZE, one thread each, loopback."""
+    """The job's processes, as torchrun would start them (harness.start_workers)."""
     Path(job["out"]).mkdir(parents=True, exist_ok=True)
-    port, procs = free_port(), []
-    for rank in range(job["processes"]):
-        env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": str(job["processes"]), "LOCAL_RANK": str(rank),
-               "LOCAL_WORLD_SIZE": str(job["processes"]), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
-               "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo",
-               "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-        if not job["malloc_default"]:
-            env["MALLOC_MMAP_THRESHOLD_"] = str(MMAP_THRESHOLD)
-        log = open(Path(job["out"]) / f"rank{rank}.log", "w")
-        procs.append(subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(job)],
-                                      cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                      start_new_session=True))  # its own process group: killpg takes only it
-        log.close()
-    return procs
-
-
-def kill(proc: subprocess.Popen) -> None:
-    """End a process this script started (and its process group), if it still runs."""
-    if proc.poll() is None:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-        proc.wait()
+    env = {} if job["malloc_default"] else {"MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD)}
+    return harness.start_workers([sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(job)],
+                                 job["processes"], Path(job["out"]), env=env)
 
 
 def finish(jobs: list[tuple[dict, list[subprocess.Popen]]], timeout: float) -> list[list[dict]]:
     """Wait for every job's processes; on a failure or the timeout kill them all and stop with their logs.
     Returns each job's per-process results (rank order)."""
-    deadline = time.monotonic() + timeout
     procs = [p for _, ps in jobs for p in ps]
     try:
-        while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
-            if any(p.poll() not in (None, 0) for p in procs):
-                break
-            time.sleep(0.1)
+        harness.wait(procs, timeout, interval=0.1)
         codes = [(job, r, p.poll()) for job, ps in jobs for r, p in enumerate(ps)]
     finally:
         for p in procs:
-            kill(p)
+            harness.kill(p)
     bad = [c for c in codes if c[2] not in (None, 0)] or [c for c in codes if c[2] is None]
     if bad:
         job, rank, code = bad[0]
-        log = (Path(job["out"]) / f"rank{rank}.log").read_text().splitlines()[-20:]
-        print("\n".join(log), file=sys.stderr)
+        print(harness.tail(Path(job["out"]) / f"rank{rank}.log", 20), file=sys.stderr)
         reason = f"timed out after {timeout:g} s (--timeout)" if code is None else f"exit code {code}"
         raise SystemExit(f"split_vs_accumulate: error: {job['kind']} p={job['processes']} m={job['m']} "
                          f"rank {rank}: {reason}; every process of the study was stopped")
@@ -299,7 +262,7 @@ def measure(args: argparse.Namespace, configs: list[dict], tmp: Path) -> dict[st
     every other repeat; per configuration, each run's per-process results."""
     runs: dict[str, list[list[dict]]] = {c["name"]: [] for c in configs}
     for rep in range(args.repeats):
-        for c in configs if rep % 2 == 0 else configs[::-1]:
+        for c in harness.alternating(configs, rep):
             job = job_of(args, c, "float32", "time", tmp / f"run{rep}_{c['name'].replace(' ', '_')}")
             runs[c["name"]] += finish([(job, start(job))], args.timeout)
             last = runs[c["name"]][-1]
@@ -334,7 +297,7 @@ def summarise(args: argparse.Namespace, configs: list[dict], runs: dict[str, lis
                      "peak_before_model": any(run[r]["hwm_after"] <= run[r]["hwm_before"]
                                               for run in reps for r in range(c["processes"])),
                      "fits": max(per_process) <= args.cap_mib})
-    return {"args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}, "rows": rows,
+    return {"args": harness.plain(args), "rows": rows,
             "dims": [args.width] * (args.layers + 1) + [CLASSES]}
 
 
@@ -347,17 +310,15 @@ def report(args: argparse.Namespace, res: dict) -> str:
     lines = ["", f"## Split or accumulate: MLP {args.width} -> {args.layers} x {args.width} -> {CLASSES} (ReLU, bias, "
              f"float32), Adam, batch {args.batch}, m={args.microbatches}, {SCHEDULE}; cap {args.cap_mib:g} MiB per "
              f"process; {args.steps} timed steps x {args.repeats} fresh runs each; {res['cpus']} CPU(s)", ""]
-    lines += ["| configuration | processes | micro-batch rows | step time ms (median) | CPU ms per step, each process "
-              "| peak memory per process MiB (measured) | tensors per process MiB (params+grads+Adam+stash) "
-              "| fits the cap? |",
-              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
-    for row in res["rows"]:
-        fits = f"{'yes' if row['fits'] else 'no'} ({max(row['training_mib']):.0f} {'<=' if row['fits'] else '>'} " \
-               f"{args.cap_mib:g})"
-        lines.append(f"| {row['name']} | {row['processes']} | {row['rows']} | {row['step_ms']:.1f} | "
-                     f"{' / '.join(f'{v:.0f}' for v in row['cpu_ms'])} | "
-                     f"{' / '.join(f'{v:.0f}' for v in row['training_mib'])} | "
-                     f"{' / '.join(f'{v:.1f}' for v in row['tensor_mib'])} | {fits} |")
+    lines += harness.table(
+        ["configuration", "processes", "micro-batch rows", "step time ms (median)", "CPU ms per step, each process",
+         "peak memory per process MiB (measured)", "tensors per process MiB (params+grads+Adam+stash)",
+         "fits the cap?"], "lrrrrrrl",
+        ([row["name"], row["processes"], row["rows"], f"{row['step_ms']:.1f}",
+          " / ".join(f"{v:.0f}" for v in row["cpu_ms"]), " / ".join(f"{v:.0f}" for v in row["training_mib"]),
+          " / ".join(f"{v:.1f}" for v in row["tensor_mib"]),
+          f"{'yes' if row['fits'] else 'no'} ({max(row['training_mib']):.0f} {'<=' if row['fits'] else '>'} "
+          f"{args.cap_mib:g})"] for row in res["rows"]))
     lines += ["", "CPU ms = the process's CPU time per timed step (all its threads; median of the runs). "
               "Peak memory = VmHWM after the warm-up steps − VmRSS before the model was built, per process (rank "
               "order; the worst of the fresh runs). Each process's absolute VmHWM: "
@@ -502,7 +463,7 @@ def run_accumulate(job: dict, conf, spec, x, y) -> dict:
         accumulate(stage, x, y, job["m"], conf.loss.name, conf.loss.l2)
         optimizer.step()
 
-    after, times, cpu_s = timed(job, step, lambda t: t)
+    after, times, cpu_s = timed(job, step, distributed=False)
     stash = one_microbatch_stash(stage, split(x, job["m"])[0])
     return measured((rss_before, hwm_before), after, times, cpu_s, [stage], stash)
 
@@ -523,7 +484,6 @@ def one_microbatch_stash(stage, x_mb) -> int:
 
 def run_pipeline(job: dict, conf, spec, x, y) -> dict:
     """One process of a p-process pipeline: the Engine over a gloo process group."""
-    import torch
     import torch.distributed as dist
 
     from pipeline.distributed import connect, read_env
@@ -546,22 +506,16 @@ def run_pipeline(job: dict, conf, spec, x, y) -> dict:
             engine.train_step(x_in, y_in)
             engine.update()
 
-        def slowest(stamps: torch.Tensor) -> torch.Tensor:
-            dist.all_reduce(stamps, op=dist.ReduceOp.MAX)
-            return stamps
-
         dist.barrier()
-        after, times, cpu_s = timed(job, step, slowest)
+        after, times, cpu_s = timed(job, step, distributed=True)
         stash = sum(engine.peak_stash_bytes.values())
         return measured((rss_before, hwm_before), after, times, cpu_s, list(engine.stages.values()), stash)
 
 
-def timed(job: dict, step, across) -> tuple[tuple[int, int], list[float], float]:
+def timed(job: dict, step, distributed: bool) -> tuple[tuple[int, int], list[float], float]:
     """Warm up and read the memory peak, then time: ((VmRSS, VmHWM) after the warm-up steps, the duration
-    of each timed step, this process's CPU seconds per timed step, all its threads); `across`
-    max-reduces the clock readings over the processes."""
-    import torch
-
+    of each timed step (harness.durations: with `distributed`, between completions on every process),
+    this process's CPU seconds per timed step, all its threads)."""
     for _ in range(job["warmup"]):
         step()
     peak = memory_status()
@@ -572,8 +526,7 @@ def timed(job: dict, step, across) -> tuple[tuple[int, int], list[float], float]
         step()
         stamps.append(time.perf_counter())
     cpu = (time.process_time() - cpu) / job["steps"]
-    t = across(torch.tensor(stamps, dtype=torch.float64))
-    return peak, (t[1:] - t[:-1]).tolist(), cpu
+    return peak, harness.durations(stamps, distributed), cpu
 
 
 def reuse_freed_blocks() -> None:

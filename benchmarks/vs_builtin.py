@@ -22,25 +22,16 @@ benchmarks/README.md explains what is counted as stashed bytes on each side.
 from __future__ import annotations
 
 import argparse
-import json
-import math
 import os
-import signal
-import socket
-import statistics
-import subprocess
 import sys
 import tempfile
 import time
-from datetime import timedelta
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+import harness
+from harness import kib, median, ms
+from pipeline.schedule import SCHEDULES, VIRTUAL
 
-SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b", "zb_h1")
-VIRTUAL = {"interleaved_1f1b": 2}  # stages per rank; every other schedule has one
 BUILTIN = {  # our schedule -> the torch.distributed.pipelining class it is compared with
     "gpipe": "ScheduleGPipe",
     "1f1b": "Schedule1F1B",
@@ -50,6 +41,7 @@ BUILTIN = {  # our schedule -> the torch.distributed.pipelining class it is comp
     "zb_h1": "ScheduleInterleavedZeroBubble",
 }
 SINGLE_STAGE = {"ScheduleGPipe", "Schedule1F1B"}  # built-in classes that take one stage, not a list
+COMPARED = [name for name in SCHEDULES if name in BUILTIN]  # the registry's schedules the built-in has
 MODELS = {
     "default": {"in_dim": 256, "hidden": [1024] * 8, "classes": 10, "batch": 256, "microbatches": [4, 8, 16]},
     "small": {"in_dim": 256, "hidden": [64] * 8, "classes": 10, "batch": 64, "microbatches": [8]},
@@ -67,6 +59,12 @@ LR, SEED, DATA_SEED, NUM_BATCHES = 0.01, 0, 1234, 4
 P = 2  # pipeline ranks = worker processes
 
 
+def stages_per_rank(schedule: str) -> int:
+    """v = 2 where both tools run several stages per rank (our schedule has virtual stages and the
+    built-in class takes a list of them), else 1: gpipe and zb_h1 are compared at v = 1."""
+    return 2 if schedule in VIRTUAL and BUILTIN.get(schedule) not in SINGLE_STAGE else 1
+
+
 # ------------------------------------------------------------------------------------------------
 # command line
 
@@ -74,7 +72,7 @@ P = 2  # pipeline ranks = worker processes
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python benchmarks/vs_builtin.py", description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=("default", "small", "balanced", "tiny"), default="default")
-    parser.add_argument("--schedules", default=",".join(SCHEDULES), help="comma-separated subset of " + ",".join(SCHEDULES))
+    parser.add_argument("--schedules", default=",".join(COMPARED), help="comma-separated subset of " + ",".join(COMPARED))
     parser.add_argument("--microbatches", default=None, help="comma-separated m (default: the model's, e.g. 4,8,16)")
     parser.add_argument("--steps", type=int, default=None,
                         help="timed steps per repeat and tool (default: 5 for the default model, 20 for small)")
@@ -91,9 +89,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.quick:
         args.model, args.steps, args.repeats, args.warmup = "tiny", 2, 2, 1
     args.schedules = [s for s in args.schedules.split(",") if s]
-    unknown = sorted(set(args.schedules) - set(SCHEDULES))
+    unknown = sorted(set(args.schedules) - set(COMPARED))
     if unknown:
-        parser.error(f"unknown schedule(s) {unknown}; choose from {', '.join(SCHEDULES)}")
+        parser.error(f"unknown schedule(s) {unknown}; choose from {', '.join(COMPARED)}")
     model = MODELS[args.model]
     if args.steps is None:
         args.steps = {"default": 5, "balanced": 5, "small": 20}.get(args.model, 2)
@@ -109,119 +107,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 # ------------------------------------------------------------------------------------------------
-# orchestrator: start the two workers, bound them in time, print the tables
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def launch(argv: list[str], args: argparse.Namespace, workdir: Path, script: Path | None = None,
-           wrap=None) -> dict:
-    """Run the two workers (`script` with argv and --worker-result) to completion, or kill them all on
-    --timeout or on the first failure; returns rank 0's results. wrap(rank) -> a command prefix (a profiler)."""
-    port, result = free_port(), workdir / "result.json"
-    procs, logs = [], []
-    for rank in range(P):
-        env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": str(P), "LOCAL_RANK": str(rank),
-               "LOCAL_WORLD_SIZE": str(P), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
-               "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo",
-               "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-        log = open(workdir / f"rank{rank}.log", "w+")
-        logs.append(log)
-        prefix = wrap(rank) if wrap else []
-        procs.append(subprocess.Popen([*prefix, sys.executable, str((script or Path(__file__)).resolve()), *argv,
-                                       "--worker-result", str(result)],
-                                      cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, text=True,
-                                      start_new_session=True))  # its own process group: kill() takes its children too
-    deadline, relayed, failed = time.monotonic() + args.timeout, 0, None
-    try:
-        while any(proc.poll() is None for proc in procs):
-            relayed = relay_progress(workdir / "rank0.log", relayed)
-            failed = next((r for r, proc in enumerate(procs) if proc.poll() not in (None, 0)), None)
-            if failed is not None:
-                break
-            if time.monotonic() > deadline:
-                raise SystemExit(abort(procs, logs, f"timed out after {args.timeout:g} s (--timeout); killed every worker"))
-            time.sleep(0.2)
-        relay_progress(workdir / "rank0.log", relayed)
-        failed = next((r for r, proc in enumerate(procs) if proc.poll() != 0), failed)
-        if failed is not None:
-            raise SystemExit(abort(procs, logs, f"worker rank {failed} failed with exit code {procs[failed].poll()}"))
-    finally:
-        for proc in procs:
-            kill(proc)
-        for log in logs:
-            log.close()
-    return json.loads(result.read_text())
-
-
-def source_state() -> str:
-    """The commit measured, and whether pipeline/ had uncommitted changes (read-only git queries)."""
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "pipeline"], cwd=ROOT, capture_output=True,
-                               text=True, timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return f"{head or 'unknown'}{' + uncommitted changes in pipeline/' if dirty else ''}"
-
-
-def relay_progress(log: Path, offset: int) -> int:
-    """Copy rank 0's new progress lines to stderr; returns the new offset."""
-    try:
-        with open(log) as f:
-            f.seek(offset)
-            text = f.read()
-    except FileNotFoundError:
-        return offset
-    complete = text[: text.rfind("\n") + 1]
-    for line in complete.splitlines():
-        if line.startswith("[vs_builtin]"):
-            print(line, file=sys.stderr, flush=True)
-    return offset + len(complete)
-
-
-def kill(proc: subprocess.Popen) -> None:
-    """End a worker we started, and anything it started (its own process group), if still running."""
-    if proc.poll() is not None:
-        return
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-    proc.wait()
-
-
-def abort(procs: list[subprocess.Popen], logs: list, message: str) -> str:
-    """Kill every worker still running, show the end of each log; the message for SystemExit."""
-    for proc in procs:
-        kill(proc)
-    for rank, log in enumerate(logs):
-        log.flush()
-        log.seek(0)
-        tail = log.read().splitlines()[-25:]
-        print(f"--- rank {rank} (exit {procs[rank].poll()}), last lines ---", file=sys.stderr)
-        print("\n".join(tail), file=sys.stderr)
-    return f"vs_builtin: error: {message}"
+# orchestrator: start the two workers (harness.launch bounds them in time), print the tables
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     if args.worker_result is not None:
-        return worker(args)
+        return harness.worker_main(args.timeout, args.worker_result, lambda rank: Bench(args, rank).run())
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="vs_builtin_") as workdir:
-        results = launch(argv, args, Path(workdir))
+        results = harness.launch(Path(__file__), argv, P, Path(workdir), args.timeout, "vs_builtin")
     results["wall_s"] = time.perf_counter() - started
-    results["source"] = source_state()
+    results["source"] = harness.source_state()
     print(report(results))
     if args.json:
-        args.json.write_text(json.dumps(results, indent=1))
+        harness.write_json(args.json, results)
     return 0
 
 
@@ -241,56 +142,40 @@ def stage_work(dims: list[int], num_stages: int) -> list[tuple[int, int, int]]:
     return work
 
 
-def median(values: list[float]) -> float:
-    return statistics.median(values) if values else float("nan")
-
-
-def ms(seconds: float) -> str:
-    return f"{seconds * 1e3:.2f}" if math.isfinite(seconds) else "-"
-
-
-def kib(nbytes: float) -> str:
-    return f"{nbytes / 1024:.0f}"
-
-
 def report(res: dict) -> str:
     a, model = res["args"], res["args"]["model"]
     lines = [f"## vs torch.distributed.pipelining: model={model} {res['model']['dims']} batch={res['model']['batch']} "
              f"float32 relu bias, SGD lr={LR}; p={P} (gloo, 1 thread each); steps={a['steps']} x repeats={a['repeats']}, "
              f"warmup={a['warmup']}; torch {res['torch']}; {res['cpus']} CPU(s)", ""]
-    lines += ["| schedule | built-in (stages/rank) | m | ours ms | built-in ms | ours/built-in (per-repeat range) "
-              "| T_seq ms | stash ours r0/r1 KiB | stash built-in r0/r1 KiB | 1-step grad diff |",
-              "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
-    for c in res["configs"]:
-        lo, hi = min(c["repeat_ratios"]), max(c["repeat_ratios"])
-        lines.append(
-            f"| {c['schedule']} | {c['builtin']} ({c['v']}) | {c['m']} | {ms(c['ours_s'])} | {ms(c['builtin_s'])} | "
-            f"**{c['ratio']:.2f}** ({lo:.2f}-{hi:.2f}) | {ms(c.get('seq_s', float('nan')))} | "
-            f"{' / '.join(kib(b) for b in c['stash_ours'])} | {' / '.join(kib(b) for b in c['stash_builtin'])} | "
-            f"{c['grad_rel_diff']:.1e} |")
+    lines += harness.table(
+        ["schedule", "built-in (stages/rank)", "m", "ours ms", "built-in ms", "ours/built-in (per-repeat range)",
+         "T_seq ms", "stash ours r0/r1 KiB", "stash built-in r0/r1 KiB", "1-step grad diff"], "llrrrrrrrr",
+        ([c["schedule"], f"{c['builtin']} ({c['v']})", c["m"], ms(c["ours_s"]), ms(c["builtin_s"]),
+          f"**{c['ratio']:.2f}** ({min(c['repeat_ratios']):.2f}-{max(c['repeat_ratios']):.2f})",
+          ms(c.get("seq_s", float("nan"))), " / ".join(kib(b) for b in c["stash_ours"]),
+          " / ".join(kib(b) for b in c["stash_builtin"]), f"{c['grad_rel_diff']:.1e}"] for c in res["configs"]))
     param_diff = max(c["param_abs_diff"] for c in res["configs"])
     lines += ["", "ours/built-in = median step time of ours / of the built-in (< 1: ours is faster). "
               "1-step grad diff = max |g_ours − g_builtin| / max |g_builtin| over every parameter after one step from "
               f"the same weights on the same batch (the updated parameters differ by at most {param_diff:.1e})."]
     eff = [c for c in res["configs"] if c["m"] == res["efficiency_m"] and "seq_s" in c]
     if eff:
-        lines += ["", f"### Pipeline efficiency E = T_seq / (p · T_pipe), p={P}, m={res['efficiency_m']}", "",
-                  "| schedule | T_seq ms | T_pipe ours ms | E ours | E built-in | 1 − bubble (unit costs) "
-                  "| target 0.9 (1 − bubble) | met | 1 − bubble (FLOP-weighted stages) |",
-                  "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: |"]
-        for c in eff:
-            lines.append(f"| {c['schedule']} | {ms(c['seq_s'])} | {ms(c['ours_s'])} | {c['E_ours']:.3f} | "
-                         f"{c['E_builtin']:.3f} | {c['ideal_unit']:.3f} | {EFFICIENCY_FRACTION * c['ideal_unit']:.3f} | "
-                         f"{'yes' if c['E_ours'] >= EFFICIENCY_FRACTION * c['ideal_unit'] else 'no'} | "
-                         f"{c['ideal_flops']:.3f} |")
+        lines += ["", f"### Pipeline efficiency E = T_seq / (p · T_pipe), p={P}, m={res['efficiency_m']}", ""]
+        lines += harness.table(
+            ["schedule", "T_seq ms", "T_pipe ours ms", "E ours", "E built-in", "1 − bubble (unit costs)",
+             "target 0.9 (1 − bubble)", "met", "1 − bubble (FLOP-weighted stages)"], "lrrrrrrlr",
+            ([c["schedule"], ms(c["seq_s"]), ms(c["ours_s"]), f"{c['E_ours']:.3f}", f"{c['E_builtin']:.3f}",
+              f"{c['ideal_unit']:.3f}", f"{EFFICIENCY_FRACTION * c['ideal_unit']:.3f}",
+              "yes" if c["E_ours"] >= EFFICIENCY_FRACTION * c["ideal_unit"] else "no", f"{c['ideal_flops']:.3f}"]
+             for c in eff))
     ov = res.get("overhead")
     if ov:
         lines += ["", "### p=1, m=1: this project (in-process, 1f1b) vs a plain PyTorch loop (nn.Sequential + autograd "
-                  "+ SGD, whole batch), one process, one thread", "",
-                  "| ours ms | plain ms | ours/plain | overhead | target ≤ 10 % |", "| ---: | ---: | ---: | ---: | --- |",
-                  f"| {ms(ov['ours_s'])} | {ms(ov['plain_s'])} | {ov['ratio']:.3f} (per-repeat {min(ov['repeat_ratios']):.3f}-"
-                  f"{max(ov['repeat_ratios']):.3f}) | {100 * (ov['ratio'] - 1):+.1f} % | "
-                  f"{'met' if ov['ratio'] <= 1 + OVERHEAD_TARGET else 'missed'} |"]
+                  "+ SGD, whole batch), one process, one thread", ""]
+        lines += harness.table(["ours ms", "plain ms", "ours/plain", "overhead", "target ≤ 10 %"], "rrrrl", [[
+            ms(ov["ours_s"]), ms(ov["plain_s"]),
+            f"{ov['ratio']:.3f} (per-repeat {min(ov['repeat_ratios']):.3f}-{max(ov['repeat_ratios']):.3f})",
+            f"{100 * (ov['ratio'] - 1):+.1f} %", "met" if ov["ratio"] <= 1 + OVERHEAD_TARGET else "missed"]])
     if any("breakdown" in c for c in res["configs"]):
         lines += ["", breakdown_table(res)]
     lines += ["", "### Targets", ""] + [f"- {t}" for t in targets(res)]
@@ -302,21 +187,19 @@ def breakdown_table(res: dict) -> str:
     """Where our step time goes, per rank (ms per step, traced run: tracing itself adds a little)."""
     cols = ["F", "B", "W", "BW", "RECV_F", "RECV_B", "SEND_F", "SEND_B", "WAIT_SENDS", "other in train_step", "update",
             "total"]
-    lines = ["### Where our step time goes (ms per step, from the runtime's action spans; --breakdown)", "",
-             "| schedule | m | rank | " + " | ".join(cols) + " | compute share |",
-             "| --- | ---: | ---: | " + " | ".join("---:" for _ in cols) + " | ---: |"]
+    rows = []
     for c in res["configs"]:
-        rows = [(str(r), b) for r, b in enumerate(c.get("breakdown") or [])]
+        ranks = [(str(r), b) for r, b in enumerate(c.get("breakdown") or [])]
         if c.get("seq_breakdown"):
-            rows.append(("p=1", c["seq_breakdown"]))
-        for label, b in rows:
-            if not b:
-                continue
-            compute = sum(b.get(k, 0.0) for k in ("F", "B", "W", "BW"))
-            lines.append(f"| {c['schedule']} | {c['m']} | {label} | "
-                         + " | ".join(f"{b[k]:.1f}" if k in b else "-" for k in cols)
-                         + f" | {compute / b['total']:.0%} |")
-    return "\n".join(lines)
+            ranks.append(("p=1", c["seq_breakdown"]))
+        for label, b in ranks:
+            if b:
+                compute = sum(b.get(k, 0.0) for k in ("F", "B", "W", "BW"))
+                rows.append([c["schedule"], c["m"], label, *(f"{b[k]:.1f}" if k in b else "-" for k in cols),
+                             f"{compute / b['total']:.0%}"])
+    return "\n".join(["### Where our step time goes (ms per step, from the runtime's action spans; --breakdown)", "",
+                      *harness.table(["schedule", "m", "rank", *cols, "compute share"], "lrr" + "r" * len(cols) + "r",
+                                     rows)])
 
 
 def targets(res: dict) -> list[str]:
@@ -355,92 +238,9 @@ def targets(res: dict) -> list[str]:
 # worker: everything below runs inside the two processes
 
 
-def worker(args: argparse.Namespace) -> int:
-    import torch
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", timeout=timedelta(seconds=args.timeout))
-    try:
-        bench = Bench(args, dist.get_rank())
-        results = bench.run()
-        if bench.rank == 0:
-            args.worker_result.write_text(json.dumps(results))
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
-    return 0
-
-
 def progress(rank: int, text: str) -> None:
     if rank == 0:
         print(f"[vs_builtin] {text}", flush=True)
-
-
-class SavedBytes:
-    """Live and peak bytes of the tensors autograd saves for backward (saved_tensors_hooks).
-
-    Parameters (a Linear saves W, or a view of it) are not counted; every other saved tensor counts
-    numel * element_size once, however many nodes save it (a ReLU's output is also the next Linear's
-    input), from when it is first saved until the last node holding it frees it. `hold`/`drop`
-    add other tensors kept for backward (zero-bubble schedules keep gradients between I and W).
-    """
-
-    def __init__(self, params):
-        self.params = {p.untyped_storage().data_ptr() for p in params}
-        self.refs: dict[tuple, list[int]] = {}  # (data_ptr, nbytes) -> [holders, nbytes]
-        self.held: dict[tuple, list[tuple]] = {}  # (stage, micro-batch) -> keys held between I and W
-        self.live = self.peak = 0
-
-    def _add(self, key: tuple, nbytes: int) -> None:
-        entry = self.refs.get(key)
-        if entry is not None:
-            entry[0] += 1
-            return
-        self.refs[key] = [1, nbytes]
-        self.live += nbytes
-        self.peak = max(self.peak, self.live)
-
-    def _release(self, key: tuple) -> None:
-        entry = self.refs[key]
-        entry[0] -= 1
-        if entry[0] == 0:
-            del self.refs[key]
-            self.live -= entry[1]
-
-    def pack(self, tensor):
-        if tensor.numel() == 0 or tensor.untyped_storage().data_ptr() in self.params:
-            return tensor
-        return _Packed(self, tensor)
-
-    @staticmethod
-    def unpack(packed):
-        return packed.tensor if isinstance(packed, _Packed) else packed
-
-    def hold(self, owner: tuple, tensors) -> None:
-        keys = []
-        for t in tensors:
-            if t is not None and t.numel():
-                key = (t.data_ptr(), t.numel() * t.element_size())
-                self._add(key, key[1])
-                keys.append(key)
-        self.held.setdefault(owner, []).extend(keys)
-
-    def drop(self, owner: tuple) -> None:
-        for key in self.held.pop(owner, []):
-            self._release(key)
-
-
-class _Packed:
-    __slots__ = ("tracker", "tensor", "key")
-
-    def __init__(self, tracker: SavedBytes, tensor):
-        self.tracker, self.tensor = tracker, tensor
-        self.key = (tensor.data_ptr(), tensor.numel() * tensor.element_size())
-        tracker._add(self.key, self.key[1])
-
-    def __del__(self):
-        self.tracker._release(self.key)
 
 
 class Bench:
@@ -502,9 +302,7 @@ class Bench:
         return self.batches[self.step_no % NUM_BATCHES]
 
     def timed(self, tool, steps: int, distributed: bool = True, record: bool = True) -> list[float]:
-        """Durations of `steps` steps: between consecutive completions on every rank (all-reduce MAX of
-        each rank's clock readings; the processes of one machine share time.perf_counter's clock)."""
-        import torch
+        """Durations of `steps` steps: between consecutive completions on every rank (harness.durations)."""
         import torch.distributed as dist
 
         if distributed:
@@ -516,28 +314,7 @@ class Bench:
             stamps.append(time.perf_counter())
             if record:
                 self.timed_steps.add(self.step_no)
-        t = torch.tensor(stamps, dtype=torch.float64)
-        if distributed:
-            dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return (t[1:] - t[:-1]).tolist()
-
-    def gather(self, value: float) -> list[float]:
-        """[value of rank 0, value of rank 1]."""
-        import torch
-        import torch.distributed as dist
-
-        t = torch.zeros(P, dtype=torch.float64)
-        t[self.rank] = value
-        dist.all_reduce(t)
-        return t.tolist()
-
-    def max_all(self, value: float) -> float:
-        import torch
-        import torch.distributed as dist
-
-        t = torch.tensor([value], dtype=torch.float64)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return float(t)
+        return harness.durations(stamps, distributed)
 
     def check_step(self, ours: "Ours", builtin: "Builtin") -> tuple[float, float]:
         """One step of each from the same weights on the same batch:
@@ -554,15 +331,7 @@ class Bench:
                 param_diff = max(param_diff, float((a - b).abs().max()))
                 grad_diff = max(grad_diff, float((a.grad - b.grad).abs().max()))
                 grad_max = max(grad_max, float(b.grad.abs().max()))
-        return self.max_all(param_diff), self.max_all(grad_diff) / self.max_all(grad_max)
-
-    def single_process(self, fn) -> None:
-        """Rank 0 runs fn alone while rank 1 waits (idle) at the barrier."""
-        import torch.distributed as dist
-
-        if self.rank == 0:
-            fn()
-        dist.barrier()
+        return harness.max_all(param_diff), harness.max_all(grad_diff) / harness.max_all(grad_max)
 
     # --- the run ----------------------------------------------------------------------------
 
@@ -576,7 +345,7 @@ class Bench:
         configs = []
         for schedule in a.schedules:
             for m in a.microbatches:
-                configs.append(self.run_config(schedule, m, VIRTUAL.get(schedule, 1)))
+                configs.append(self.run_config(schedule, m, stages_per_rank(schedule)))
                 c = configs[-1]
                 progress(self.rank, f"{schedule:<17} m={m:<3} ours {ms(c['ours_s'])} ms  built-in {ms(c['builtin_s'])} ms"
                                     f"  ratio {c['ratio']:.2f}  T_seq {ms(c.get('seq_s', float('nan')))} ms")
@@ -585,7 +354,7 @@ class Bench:
             c.update(ideal_unit=ideal_unit, ideal_flops=ideal_flops)
             if "seq_s" in c:
                 c.update(E_ours=c["seq_s"] / (P * c["ours_s"]), E_builtin=c["seq_s"] / (P * c["builtin_s"]))
-        out = {"args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()},
+        out = {"args": harness.plain(a),
                "model": {"dims": list(self.spec.dims), "batch": self.batch,
                          "stage_layers_v1": uniform(self.spec.num_layers, P),
                          "stage_layers_v2": uniform(self.spec.num_layers, 2 * P)},
@@ -607,29 +376,23 @@ class Bench:
                 builtin.step(x, y, self.step_no)
             x, y = self.next_batch()
             builtin_stash = builtin.measured_step(x, y)  # untimed: the hooks cost time
-            times = {"ours": [], "builtin": [], "seq": []}
-            repeat_ratios = []
+            seq_times: list[float] = []  # T_seq: rank 0 alone, after each repeat
             if not a.no_refs:
                 def warm_seq():
                     nonlocal seq
                     seq = self.ours(schedule, m, v, single=True)
                     self.timed(seq, a.warmup + 1, distributed=False, record=False)
-                self.single_process(warm_seq)
-            for rep in range(a.repeats):
-                block = {}
-                for name, tool in ((("ours", ours), ("builtin", builtin)) if rep % 2 == 0
-                                   else (("builtin", builtin), ("ours", ours))):
-                    block[name] = self.timed(tool, a.steps)
-                    times[name] += block[name]
-                repeat_ratios.append(median(block["ours"]) / median(block["builtin"]))
-                if not a.no_refs:
-                    self.single_process(lambda: times["seq"].extend(self.timed(seq, a.steps, distributed=False)))
-            stash_ours = self.gather(ours.stash_bytes())
-            stash_builtin = self.gather(builtin_stash)
-            builtin_live_after = self.gather(builtin.live_after_step)
+                harness.alone(warm_seq)
+            times, repeat_ratios = harness.alternate(
+                {"ours": lambda: self.timed(ours, a.steps), "builtin": lambda: self.timed(builtin, a.steps)}, a.repeats,
+                after=(lambda: None) if a.no_refs else
+                lambda: harness.alone(lambda: seq_times.extend(self.timed(seq, a.steps, distributed=False))))
+            stash_ours = harness.gather(ours.stash_bytes())
+            stash_builtin = harness.gather(builtin_stash)
+            builtin_live_after = harness.gather(builtin.live_after_step)
             if a.breakdown:
-                breakdown = self.all_gather(ours.breakdown(self.timed_steps))
-                seq_breakdown = self.broadcast_list(seq.breakdown(self.timed_steps) if seq is not None else {})
+                breakdown = harness.all_gather(ours.breakdown(self.timed_steps))
+                seq_breakdown = harness.broadcast(seq.breakdown(self.timed_steps) if seq is not None else {})
         finally:
             ours.close()
             if seq is not None:
@@ -644,50 +407,28 @@ class Bench:
         if a.breakdown:
             result.update(breakdown=breakdown, seq_breakdown=seq_breakdown)
         if not a.no_refs:
-            seq_times = self.broadcast_list(times["seq"])
+            seq_times = harness.broadcast(seq_times)
             result.update(seq_s=median(seq_times), seq_times=seq_times)
         return result
-
-    def all_gather(self, value) -> list:
-        """[value of rank 0, value of rank 1] for any picklable value."""
-        import torch.distributed as dist
-
-        box = [None] * P
-        dist.all_gather_object(box, value)
-        return box
-
-    def broadcast_list(self, values: list[float]) -> list[float]:
-        """Rank 0's list, on every rank (the workers then agree on every number)."""
-        import torch.distributed as dist
-
-        box = [values]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
 
     def run_overhead(self) -> dict:
         """p = 1, m = 1: our in-process engine against a plain loop, alternating, on rank 0 alone."""
         a = self.args
-        times = {"ours": [], "plain": []}
-        ratios = []
+        box: list = []  # [times, ratios], filled on rank 0
 
         def measure():
             ours, plain = self.ours("1f1b", 1, 1, single=True), Plain(self.spec, self.init)
             try:
                 for tool in (ours, plain):
                     self.timed(tool, a.warmup + 1, distributed=False, record=False)
-                for rep in range(a.repeats):
-                    block = {}
-                    for name, tool in ((("ours", ours), ("plain", plain)) if rep % 2 == 0
-                                       else (("plain", plain), ("ours", ours))):
-                        block[name] = self.timed(tool, a.steps, distributed=False)
-                        times[name] += block[name]
-                    ratios.append(median(block["ours"]) / median(block["plain"]))
+                box.extend(harness.alternate({"ours": lambda: self.timed(ours, a.steps, distributed=False),
+                                              "plain": lambda: self.timed(plain, a.steps, distributed=False)},
+                                             a.repeats))
             finally:
                 ours.close()
 
-        self.single_process(measure)
-        box = self.broadcast_list([times, ratios])
-        times, ratios = box
+        harness.alone(measure)
+        times, ratios = harness.broadcast(box)
         ours_s, plain_s = median(times["ours"]), median(times["plain"])
         return {"ours_s": ours_s, "plain_s": plain_s, "ratio": ours_s / plain_s, "repeat_ratios": ratios,
                 "ours_times": times["ours"], "plain_times": times["plain"]}
@@ -826,7 +567,7 @@ class Builtin:
         """One step with every saved-for-backward tensor counted; returns this rank's peak bytes."""
         import torch
 
-        tracker = SavedBytes(self.params_list)
+        tracker = harness.SavedBytes(self.params_list)
         for st in self.stages:
             self._watch(st, tracker)
         try:
@@ -839,7 +580,7 @@ class Builtin:
         return tracker.peak
 
     @staticmethod
-    def _watch(stage, tracker: SavedBytes) -> None:
+    def _watch(stage, tracker: harness.SavedBytes) -> None:
         """Zero-bubble: count what a stage keeps between I (input grad) and W (weight grad):
         the intermediate gradients W consumes, and on stage 0 (whose W runs the whole backward)
         the received output gradient."""

@@ -86,10 +86,16 @@ def test_the_device_check_says_so_when_cuda_is_missing():
 
 
 def load(name: str):
-    """A script of benchmarks/ as a module (they are scripts, not a package)."""
+    """A script of benchmarks/ as a module (they are scripts, not a package). Its folder is on sys.path
+    while it loads, as it is for `python benchmarks/NAME.py`, so that `import harness` works."""
+    folder = str(ROOT / "benchmarks")
     spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    sys.path.insert(0, folder)
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(folder)
     return module
 
 

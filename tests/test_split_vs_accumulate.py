@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import subprocess
@@ -12,16 +11,15 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.test_benchmarks import load
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "split_vs_accumulate.py"
 QUICK_ROWS = {"pipeline p=2": ("2", "4"), "accumulate m=4": ("1", "4")}  # name: (processes, micro-batch rows)
 
 
 def load_study():
-    spec = importlib.util.spec_from_file_location("split_vs_accumulate", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load("split_vs_accumulate")
 
 
 def table_rows(stdout: str) -> dict[str, list[str]]:
