@@ -27,12 +27,12 @@ from dataclasses import replace
 import torch
 
 from pipeline import config
-from pipeline.distributed import Env, connect
-from pipeline.engine import Engine
-from pipeline.equivalence import difference, pipelined, problem, reference
-from pipeline.model import MLPSpec
-from pipeline.plan import make_plan
-from pipeline.schedule import SCHEDULES, VIRTUAL
+from pipeline.mlp.model import MLPSpec
+from pipeline.planning.planner import make_plan
+from pipeline.runtime.distributed import Env, connect
+from pipeline.schedules.registry import SCHEDULES, VIRTUAL
+from pipeline.training.engine import Engine
+from pipeline.training.equivalence import difference, pipelined, problem, reference
 
 MODELS = {"default": ((256, *[1024] * 8, 10), 256, 8), "tiny": ((16, *[16] * 7, 4), 16, 4)}  # 9 and 8 layers
 

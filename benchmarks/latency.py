@@ -28,7 +28,7 @@ import time
 import torch.multiprocessing as mp
 
 import harness
-from pipeline.latency import measure  # the one implementation; simulate --measure uses it
+from pipeline.runtime.latency import measure
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -24,7 +24,7 @@ from pathlib import Path
 import harness
 import vs_builtin as vb
 from harness import median, ms
-from pipeline.schedule import SCHEDULES
+from pipeline.schedules.registry import SCHEDULES
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

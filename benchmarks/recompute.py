@@ -27,13 +27,13 @@ import torch
 
 import harness
 from harness import MODEL_OVERRIDES, alternating
-from pipeline import data as datasets
 from pipeline.config import compose
-from pipeline.distributed import connect, read_env
-from pipeline.engine import Engine
-from pipeline.memory import calculate
-from pipeline.plan import make_plan
-from pipeline.trainer import as_tensors, load_data, model_spec
+from pipeline.planning.planner import make_plan
+from pipeline.runtime.distributed import connect, read_env
+from pipeline.training import data as datasets
+from pipeline.training.engine import Engine
+from pipeline.training.footprint import calculate
+from pipeline.training.setup import as_tensors, load_data, model_spec
 
 
 def run_args(args: argparse.Namespace, recompute: bool) -> list[str]:

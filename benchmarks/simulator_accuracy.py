@@ -27,12 +27,12 @@ import torch
 
 import harness
 from harness import MODEL_OVERRIDES
-from pipeline import trace
 from pipeline.config import compose
-from pipeline.costs import from_trace
-from pipeline.prediction import Prediction, predict
-from pipeline.schedule import SCHEDULES
-from pipeline.simulate import simulate
+from pipeline.planning.costs import from_trace
+from pipeline.runtime import trace
+from pipeline.schedules.registry import SCHEDULES
+from pipeline.schedules.simulator import simulate
+from pipeline.training.forecast import Prediction, predict
 from vs_builtin import stages_per_rank
 
 
@@ -81,14 +81,14 @@ def traced_prediction(args: list[str], pred: Prediction, batch_size: int, steps:
     plan, spec = pred.plan, pred.spec
     rows = -(-batch_size // plan.num_microbatches)
     costs, update = from_trace(events, spec, list(plan.stage_layers), rows, skip_steps=warmup)
-    result = simulate(plan.train_schedule, 2, plan.num_microbatches, plan.virtual_stages, costs)
+    result = simulate(plan.train_schedule, plan.placement, plan.num_microbatches, costs)
     return Traced(result.makespan + update, costs.latency_s, result.bubble, measured_bubbles(logged, warmup),
                   median_step(logged, warmup))
 
 
 def unit_bubble(plan) -> dict:
     """Each rank's bubble under unit costs (F = B = W = 1, free messages): the schedule's theory."""
-    return simulate(plan.train_schedule, 2, plan.num_microbatches, plan.virtual_stages).bubble
+    return simulate(plan.train_schedule, plan.placement, plan.num_microbatches).bubble
 
 
 def main() -> int:

@@ -427,7 +427,7 @@ def worker(job: dict) -> int:
     import torch
 
     from pipeline.config import compose
-    from pipeline.trainer import as_tensors, load_data, model_spec
+    from pipeline.training.setup import as_tensors, load_data, model_spec
 
     torch.set_num_threads(1)
     conf = compose(overrides(job))
@@ -446,9 +446,9 @@ def run_accumulate(job: dict, conf, spec, x, y) -> dict:
     """One process: pipeline.microbatch.accumulate over m micro-batches, then Adam."""
     import torch
 
-    from pipeline.microbatch import accumulate, split
-    from pipeline.model import build_layers
-    from pipeline.stage import Stage
+    from pipeline.mlp.microbatch import accumulate, split
+    from pipeline.mlp.model import build_layers
+    from pipeline.mlp.stage import Stage
 
     rss_before, hwm_before = memory_status()
     stage = Stage(0, 1, build_layers(spec, conf.train.seed, range(spec.num_layers)))
@@ -486,9 +486,9 @@ def run_pipeline(job: dict, conf, spec, x, y) -> dict:
     """One process of a p-process pipeline: the Engine over a gloo process group."""
     import torch.distributed as dist
 
-    from pipeline.distributed import connect, read_env
-    from pipeline.engine import Engine
-    from pipeline.plan import make_plan
+    from pipeline.planning.planner import make_plan
+    from pipeline.runtime.distributed import connect, read_env
+    from pipeline.training.engine import Engine
 
     env = read_env()
     plan = make_plan(conf, spec, env.world_size, eval_rows=0)

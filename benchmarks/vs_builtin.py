@@ -30,7 +30,7 @@ from pathlib import Path
 
 import harness
 from harness import kib, median, ms
-from pipeline.schedule import SCHEDULES, VIRTUAL
+from pipeline.schedules.registry import SCHEDULES, VIRTUAL
 
 BUILTIN = {  # our schedule -> the torch.distributed.pipelining class it is compared with
     "gpipe": "ScheduleGPipe",
@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
 def stage_work(dims: list[int], num_stages: int) -> list[tuple[int, int, int]]:
     """Per stage of the uniform cut, the multiply-adds per row of its F, B and W: each layer's
     in x out for each, less the first layer's B on stage 0 (the data needs no dJ/dx)."""
-    from pipeline.partition import stage_layers, uniform
+    from pipeline.planning.partition import stage_layers, uniform
 
     work = []
     for s, layers in enumerate(stage_layers(uniform(len(dims) - 1, num_stages))):
@@ -249,7 +249,7 @@ class Bench:
     def __init__(self, args: argparse.Namespace, rank: int):
         import torch
 
-        from pipeline.model import MLPSpec, build_layers
+        from pipeline.mlp.model import MLPSpec, build_layers
 
         self.args, self.rank = args, rank
         self.model = MODELS[args.model]
@@ -286,7 +286,7 @@ class Bench:
         })
 
     def ours(self, schedule: str, m: int, v: int, single: bool = False) -> "Ours":
-        from pipeline.distributed import Env, read_env
+        from pipeline.runtime.distributed import Env, read_env
 
         if single:  # p = 1, every stage in this process, in-process transport
             return Ours(self.conf(schedule, m, v, "inprocess", 1), self.spec, Env(0, 1, 0, 1, None), 1)
@@ -338,7 +338,7 @@ class Bench:
     def run(self) -> dict:
         import torch
 
-        from pipeline.partition import uniform
+        from pipeline.planning.partition import uniform
 
         a = self.args
         eff_m = 8 if 8 in a.microbatches else a.microbatches[len(a.microbatches) // 2]
@@ -436,18 +436,18 @@ class Bench:
     def ideal(self, schedule: str, m: int, v: int) -> tuple[float, float]:
         """1 − bubble from the simulator: with unit costs (F = B = W = 1) and with each stage's
         F, B, W proportional to its matrix-multiply FLOPs (stages of unequal size)."""
-        from pipeline.schedule import build_schedule
-        from pipeline.simulate import simulate
+        from pipeline.schedules.registry import build_schedule
+        from pipeline.schedules.simulator import simulate
 
-        compute = build_schedule(schedule, P, m, v)
-        unit = simulate(compute, P, m, v)
+        compute, placement = build_schedule(schedule, P, m, v)
+        unit = simulate(compute, placement, m)
         work = stage_work(self.spec.dims, P * v)
 
         def cost(action) -> float:
             f, b, w = work[action.stage_index]
             return {"F": f, "B": b, "W": w, "BW": b + w}.get(action.kind, 0.0)
 
-        flops = simulate(compute, P, m, v, costs=cost)
+        flops = simulate(compute, placement, m, costs=cost)
         return (1 - max(unit.bubble.values()),
                 sum(flops.busy.values()) / (P * flops.makespan))
 
@@ -456,9 +456,9 @@ class Ours:
     """This project's Engine over the already initialised process group (or in-process for p = 1)."""
 
     def __init__(self, conf, spec, env, world_size: int):
-        from pipeline.distributed import connect
-        from pipeline.engine import Engine
-        from pipeline.plan import make_plan
+        from pipeline.planning.planner import make_plan
+        from pipeline.runtime.distributed import connect
+        from pipeline.training.engine import Engine
 
         plan = make_plan(conf, spec, world_size, eval_rows=0)
         self._connection = connect(env, plan.num_ranks, conf.pipeline.transport, conf.dist)
@@ -507,7 +507,7 @@ def torch_stage_modules(spec, init: dict, first: int, stop: int):
     Linear), initialised with our weights."""
     import torch
 
-    from pipeline.model import torch_sequential
+    from pipeline.mlp.model import torch_sequential
 
     model = torch_sequential(spec)
     with torch.no_grad():
@@ -525,13 +525,12 @@ class Builtin:
         import torch.nn.functional as F
         from torch.distributed import pipelining
 
-        from pipeline.partition import stage_layers, uniform
-        from pipeline.schedule import stages_of_rank
+        from pipeline.planning.partition import stage_layers, uniform
 
         num_stages, mb = P * v, batch // m
         ranges = stage_layers(uniform(spec.num_layers, num_stages))
         self.stages, self.layers = [], []
-        for s in stages_of_rank(rank, P, v):
+        for s in SCHEDULES[schedule].placement(P, v).stages_of(rank):  # the built-in places stages as ours does
             r = ranges[s]
             submod = torch_stage_modules(spec, init, r.start, r.stop)
             self.stages.append(pipelining.PipelineStage(

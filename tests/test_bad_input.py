@@ -113,10 +113,10 @@ def test_the_memory_check_counts_every_rank_that_shares_one_memory(tmp_path, mon
     import torch
 
     from pipeline import config
-    from pipeline.planning import memory
-    from pipeline.runtime.distributed import Env
     from pipeline.errors import ConfigError
+    from pipeline.planning import memory
     from pipeline.planning.planner import make_plan
+    from pipeline.runtime.distributed import Env
     from pipeline.training.setup import check_memory, load_data, model_spec
     from tests.conftest import make_cfg
 

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from pipeline import config
-from pipeline.training import checkpoint
-from pipeline.runtime.distributed import Env, _bind_loopback
 from pipeline.errors import ConfigError, UserError
+from pipeline.runtime.distributed import Env, _bind_loopback
+from pipeline.training import checkpoint
 from pipeline.training.metrics import MetricsLog
 from tests.conftest import make_cfg
 from tests.conftest import ROOT

@@ -1,7 +1,6 @@
 """Every config group composes and parses; every bad value is one clear ConfigError."""
 
 import itertools
-from pathlib import Path
 
 import pytest
 import torch

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 
 from pipeline import config
-from pipeline.training import data
 from pipeline.errors import DataError
+from pipeline.training import data
 from pipeline.training.setup import load_data
 from pipeline.training.trainer import train
 from tests.conftest import make_cfg, run_cli, write_npz

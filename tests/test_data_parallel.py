@@ -9,14 +9,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.training import checkpoint
+from pipeline.mlp.model import build_layers
+from pipeline.mlp.stage import Stage
+from pipeline.planning.planner import make_plan
 from pipeline.runtime.data_parallel import flatten_grads
 from pipeline.runtime.distributed import Grid, connect, read_env
+from pipeline.training import checkpoint
 from pipeline.training.engine import Engine
 from pipeline.training.equivalence import PROBLEM, difference, grid, pipelined, problem, reference
-from pipeline.mlp.model import build_layers
-from pipeline.planning.planner import make_plan
-from pipeline.mlp.stage import Stage
 from pipeline.training.setup import load_data, model_spec
 from tests.conftest import ROOT
 from tests.launch import free_port, start, wait

@@ -9,7 +9,7 @@ import torch
 
 from pipeline.training import checkpoint
 from pipeline.training.equivalence import difference, grid, problem, reference
-from tests.conftest import ROOT, run_cli, write_npz
+from tests.conftest import run_cli, write_npz
 from tests.launch import kill, start, wait
 
 pytestmark = pytest.mark.timeout(300)

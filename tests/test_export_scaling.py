@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.training import checkpoint, data
 from pipeline.export import main as export_main
 from pipeline.mlp.model import MLPSpec, torch_sequential
+from pipeline.training import checkpoint, data
 from pipeline.training.trainer import train
 from tests.conftest import make_cfg
 

@@ -5,8 +5,8 @@ import itertools
 import pytest
 import torch
 
-from pipeline.mlp import microbatch, objective
 from pipeline.gradcheck import main as gradcheck_main
+from pipeline.mlp import microbatch, objective
 from pipeline.mlp.gradcheck import cases, network_error
 from pipeline.mlp.model import MLPSpec, build_layers
 from pipeline.mlp.stage import Stage

@@ -6,9 +6,9 @@ from itertools import combinations
 
 import pytest
 
-from pipeline.schedules.placement import looped
 from pipeline.graph import graph_for, main
 from pipeline.planning.graph import BACKWARD, BUS, FORWARD, OPERATOR, VARIABLE, Graph, _half_size, build_graph
+from pipeline.schedules.placement import looped
 from tests.conftest import run_cli
 
 pytestmark = pytest.mark.timeout(60)

@@ -6,10 +6,10 @@ import re
 import pytest
 import torch
 
-from pipeline.mlp import layers as layers_module
 from pipeline.errors import ConfigError
-from pipeline.mlp.gradcheck import cases
 from pipeline.hvp import main as hvp_main
+from pipeline.mlp import layers as layers_module
+from pipeline.mlp.gradcheck import cases
 from pipeline.mlp.hvp import autograd_hvp, finite_difference_hvp, hvp, random_direction, relative_error
 from pipeline.mlp.layers import Activation, Layer
 from pipeline.mlp.model import MLPSpec, build_layers

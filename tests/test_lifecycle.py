@@ -18,12 +18,12 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from pipeline.runtime import lifecycle
-from pipeline.training import checkpoint
-from pipeline.runtime.distributed import Comm
 from pipeline.errors import disk_error
+from pipeline.runtime import lifecycle
+from pipeline.runtime.distributed import Comm
 from pipeline.runtime.p2p import P2PTransport
 from pipeline.runtime.transport import PeerTimeout, Terminated
+from pipeline.training import checkpoint
 from pipeline.training.watchdog import write_hang_report
 from tests.conftest import ROOT
 from tests.test_watchdog import alive, wait_for, workers

@@ -12,9 +12,9 @@ import torch
 
 from pipeline import memory
 from pipeline.config import compose
+from pipeline.planning.memory import held_bytes
 from pipeline.schedules.registry import SCHEDULES
 from pipeline.training.equivalence import problem
-from pipeline.planning.memory import held_bytes
 from pipeline.training.footprint import MEASURED, calculate, measure
 from tests.conftest import run_cli
 

@@ -12,16 +12,16 @@ import pytest
 import torch
 
 from pipeline import config
-from pipeline.runtime.distributed import connect, read_env
-from pipeline.training.engine import Engine
-from pipeline.training.equivalence import difference, grid, pipelined, problem, reference
 from pipeline.errors import ConfigError
 from pipeline.planning.planner import make_plan
+from pipeline.runtime.distributed import connect, read_env
 from pipeline.runtime.executor import Runtime, Stuck, execute
 from pipeline.schedules.actions import Action
 from pipeline.schedules.lowering import lower
 from pipeline.schedules.registry import build_schedule
 from pipeline.schedules.simulator import simulate
+from pipeline.training.engine import Engine
+from pipeline.training.equivalence import difference, grid, pipelined, problem, reference
 from pipeline.training.setup import load_data, model_spec
 
 pytestmark = pytest.mark.timeout(120)

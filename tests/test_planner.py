@@ -4,18 +4,17 @@ import pytest
 
 from pipeline import plan as plan_command
 from pipeline.config import compose
-from pipeline.planning.costs import Costs, flop_costs
-from pipeline.planning.memory import peak_stash_bytes, stash_bytes
-from pipeline.training.equivalence import difference, pipelined, problem, reference
 from pipeline.errors import ConfigError
 from pipeline.mlp.model import MLPSpec
 from pipeline.planning import planner
+from pipeline.planning.costs import Costs, flop_costs
+from pipeline.planning.memory import peak_stash_bytes, stash_bytes
 from pipeline.planning.partition import stage_layers
 from pipeline.planning.plan import retime
 from pipeline.schedules.lowering import lower
-from pipeline.schedules.placement import looped
 from pipeline.schedules.registry import SCHEDULES, build_schedule
 from pipeline.schedules.simulator import simulate
+from pipeline.training.equivalence import difference, pipelined, problem, reference
 from pipeline.training.setup import load_data, model_spec
 
 pytestmark = pytest.mark.timeout(120)

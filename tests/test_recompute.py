@@ -10,12 +10,12 @@ from dataclasses import replace
 import pytest
 import torch
 
-from pipeline.planning.memory import peak_stash_bytes, stash_bytes
-from pipeline.training.equivalence import difference, grid, pipelined, problem, reference
-from pipeline.training.footprint import calculate, measure
 from pipeline.mlp.microbatch import sizes
 from pipeline.mlp.model import MLPSpec, build_layers
 from pipeline.mlp.stage import Stage
+from pipeline.planning.memory import peak_stash_bytes, stash_bytes
+from pipeline.training.equivalence import difference, grid, pipelined, problem, reference
+from pipeline.training.footprint import calculate, measure
 
 pytestmark = pytest.mark.timeout(120)
 TOL = 1e-6  # as tests/test_pipeline.py, without recompute

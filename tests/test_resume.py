@@ -16,9 +16,9 @@ import pytest
 import torch
 
 from pipeline import config
-from pipeline.training import checkpoint
 from pipeline.errors import ConfigError
 from pipeline.mlp.model import MLPSpec
+from pipeline.training import checkpoint
 from pipeline.training.trainer import NonFiniteLoss, train
 from tests.conftest import make_cfg, write_npz
 from tests.launch import ROOT, kill, start, wait

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from pipeline.training import checkpoint, rundir
 from pipeline.runtime.distributed import Env
+from pipeline.training import checkpoint, rundir
 from pipeline.training.export import export
 from pipeline.training.trainer import train
 from tests.conftest import ROOT, make_cfg, run_cli

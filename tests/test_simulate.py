@@ -8,7 +8,7 @@ from pipeline.schedules.actions import Action, Schedule
 from pipeline.schedules.builders import gpipe, interleaved_1f1b, one_f_one_b, zb_h1
 from pipeline.schedules.lowering import fuse_backward, lower
 from pipeline.schedules.placement import looped
-from pipeline.schedules.registry import SCHEDULES, VIRTUAL, build_schedule
+from pipeline.schedules.registry import SCHEDULES, build_schedule
 from pipeline.schedules.simulator import ScheduleError, SimResult, check_in_order, format_summary, simulate, validate
 
 pytestmark = pytest.mark.timeout(60)

@@ -11,12 +11,11 @@ import pytest
 
 from pipeline.errors import UserError
 from pipeline.runtime.executor import TraceEvent
-from pipeline.schedules.lowering import lower
-from pipeline.schedules.placement import looped
-from pipeline.schedules.registry import build_schedule
-from pipeline.schedules.simulator import simulate
 from pipeline.runtime.trace import (chrome_trace, draw_timeline, finish, is_compute, load_ranks, measured_spans,
                                     step_bubbles, step_span_s, write_rank)
+from pipeline.schedules.lowering import lower
+from pipeline.schedules.registry import build_schedule
+from pipeline.schedules.simulator import simulate
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -5,10 +5,10 @@ import json
 import pytest
 import torch
 
-from pipeline.training import checkpoint
 from pipeline.export import main as export_main
-from pipeline.training.export import export
 from pipeline.mlp.model import MLPSpec, torch_sequential
+from pipeline.training import checkpoint
+from pipeline.training.export import export
 from pipeline.training.trainer import train
 from tests.conftest import make_cfg, run_cli
 

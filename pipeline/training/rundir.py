@@ -26,8 +26,8 @@ from typing import Any, Iterator
 
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline.runtime.distributed import Env, read_env
 from pipeline.errors import ConfigError
+from pipeline.runtime.distributed import Env, read_env
 
 LOCK = "run.lock"
 SEGMENTS = "segments.jsonl"

@@ -12,9 +12,9 @@ from datetime import timedelta
 
 import torch.distributed as dist
 
+from pipeline.runtime.transport import PeerTimeout
 from pipeline.training.equivalence import problem
 from pipeline.training.trainer import train
-from pipeline.runtime.transport import PeerTimeout
 from pipeline.training.watchdog import write_hang_report
 
 

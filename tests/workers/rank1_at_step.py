@@ -13,8 +13,8 @@ import runpy
 import signal
 import sys
 
-from pipeline.training import trainer
 from pipeline.errors import DataError
+from pipeline.training import trainer
 
 
 def misbehave(mode: str, step: int) -> None:
