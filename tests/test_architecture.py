@@ -150,6 +150,20 @@ def test_only_config_and_the_chooser_spell_a_transport_name():
     assert spelled == {"pipeline.config"}
 
 
+def test_every_transport_name_has_one_transport_and_every_transport_the_whole_interface():
+    from pipeline.config import TRANSPORTS
+    from pipeline.runtime import distributed
+    from pipeline.runtime.inprocess import InProcessTransport
+    from pipeline.runtime.p2p import P2PTransport
+    from pipeline.runtime.transport import Transport
+
+    assert set(distributed._TRANSPORTS) == set(TRANSPORTS)
+    interface = {name for name in vars(Transport) if not name.startswith("_")}
+    assert interface == {"send", "post", "can_recv", "recv", "flush", "pending_sends", "close"}
+    for transport in (P2PTransport, InProcessTransport):
+        assert interface <= {name for name in vars(transport) if callable(getattr(transport, name))}, transport
+
+
 def test_only_the_placement_computes_the_looped_rule():
     """Placement is data: `s % p` is written once, in schedules/placement.py; every other module asks a Placement."""
     modulo = {name for name, tree in modules().items() for node in ast.walk(tree)
@@ -157,6 +171,20 @@ def test_only_the_placement_computes_the_looped_rule():
               and any(isinstance(side, ast.Name) and side.id in ("num_ranks", "p") for side in (node.right,))
               and isinstance(node.left, ast.Name) and node.left.id in ("s", "stage", "stage_index")}
     assert modulo == {"pipeline.schedules.placement"}
+
+
+def test_every_command_is_a_console_script_too():
+    """pyproject.toml declares `pipeline-NAME = "pipeline.NAME:main"` for every command module, and nothing else."""
+    import importlib
+    import re
+
+    text = (PACKAGE.parent / "pyproject.toml").read_text()
+    section = text.split("[project.scripts]", 1)[1].split("\n[", 1)[0]
+    scripts = dict(re.findall(r'^(pipeline-[\w-]+) = "([\w.:]+)"', section, re.M))
+    commands = {name for name in modules() if floor(name) == COMMAND_FLOOR and name != "pipeline"}
+    assert scripts == {f"pipeline-{name.split('.')[1]}": f"{name}:main" for name in commands}
+    for name in commands:
+        assert callable(importlib.import_module(name).main)
 
 
 def summary() -> str:

@@ -6,7 +6,7 @@ from pipeline import plan as plan_command
 from pipeline.config import compose
 from pipeline.errors import ConfigError
 from pipeline.mlp.model import MLPSpec
-from pipeline.planning import planner
+from pipeline.planning import plan as plan_layout, planner
 from pipeline.planning.costs import Costs, flop_costs
 from pipeline.planning.memory import peak_stash_bytes, stash_bytes
 from pipeline.planning.partition import stage_layers
@@ -87,7 +87,7 @@ def test_auto_with_a_budget_nothing_fits_is_a_config_error():
 
 
 def test_time_partition_cuts_where_measured_times_say(monkeypatch, tmp_path):
-    monkeypatch.setattr(planner, "layer_times", lambda spec, rows, seed: [1, 1, 1, 1, 1, 1, 1, 9])
+    monkeypatch.setattr(plan_layout, "layer_times", lambda spec, rows, seed: [1, 1, 1, 1, 1, 1, 1, 9])
     conf = problem(ranks=2, partition="time")
     spec = model_spec(conf, load_data(conf))
     plan = planner.make_plan(conf, spec, 1, eval_rows=10)
