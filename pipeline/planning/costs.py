@@ -1,4 +1,4 @@
-"""What each action costs: per-stage F, B and W times, transfers, and stashed bytes.
+"""What each action costs: per-stage F, B and W times and transfers, counted from FLOPs, timed here, or read from a trace.
 
 Two sources, one shape: `flop_costs` counts multiply-adds (deterministic, the same on every rank,
 so `pipeline.schedule=auto` can use it without talking), and `measured_costs` times each stage's
