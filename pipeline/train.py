@@ -19,6 +19,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
+from pipeline.config import CONF_DIR
 from pipeline.errors import EXIT_USER_ERROR, UserError, exit_with, say
 from pipeline.runtime import lifecycle
 from pipeline.runtime.distributed import read_env
@@ -38,7 +39,7 @@ OmegaConf.register_new_resolver("pipeline_run_dir", run_dir_name, replace=True)
 _task_started = False
 
 
-@hydra.main(config_path="../conf", config_name="config", version_base="1.3")
+@hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")  # absolute: pipeline-train works too
 def _hydra_main(cfg: DictConfig) -> None:
     global _task_started
     _task_started = True

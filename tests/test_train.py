@@ -90,3 +90,19 @@ def test_cli_trains_under_python_and_torchrun(tmp_path):
     a = torch.load(tmp_path / "a/checkpoints/step_00000012/stage_000.pt", weights_only=True)
     b = torch.load(tmp_path / "b/checkpoints/step_00000012/stage_000.pt", weights_only=True)
     assert torch.equal(a["layers"]["0"]["weight"], b["layers"]["0"]["weight"])  # deterministic
+
+
+def test_the_console_script_trains_from_any_directory(tmp_path):
+    """`pipeline-train` (pyproject's [project.scripts]) is `python -m pipeline.train`: Hydra finds conf/ from
+    outside the checkout too."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(sys.executable).parent / "pipeline-train"
+    assert script.is_file(), f"{script} missing: install the project (pip install -e .)"
+    result = subprocess.run([str(script), *SMALL, f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("pipeline: done steps=12 ranks=1 schedule=1f1b"), result.stdout
+    assert (tmp_path / "run" / "metrics.jsonl").is_file()
