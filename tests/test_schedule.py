@@ -8,7 +8,7 @@ from pipeline.schedule import main
 from pipeline.schedules.actions import COMM_KINDS, COMPUTE_KINDS, Action, format_grid
 from pipeline.schedules.builders import gpipe, interleaved_1f1b, one_f_one_b, zb_h1
 from pipeline.schedules.lowering import lower
-from pipeline.schedules.placement import Placement, looped
+from pipeline.schedules.placement import Placement, looped, v_shape as placement_v
 from pipeline.schedules.registry import SCHEDULES, VIRTUAL, build_schedule
 from pipeline.schedules.simulator import validate
 
@@ -75,6 +75,9 @@ def test_placement_is_looped() -> None:
 
 
 def test_a_placement_is_data_any_shape_works() -> None:
+    assert placement_v(3).ranks == (0, 1, 2, 2, 1, 0) and placement_v(3).last_rank == 0
+    with pytest.raises(ValueError, match="a V places 2 stages on each rank, not 3"):
+        placement_v(3, 3)
     v_shape = Placement((0, 1, 1, 0))  # a V: rank 0 holds the first and the last stage
     assert v_shape.stages_of(0) == [0, 3] and v_shape.last_rank == 0
     lowered = lower({0: _acts("0F0 3F0 3BW0 0BW0"), 1: _acts("1F0 2F0 2BW0 1BW0")}, v_shape)

@@ -20,7 +20,7 @@ from pipeline.schedules.actions import Schedule
 from pipeline.schedules.builders import forward_only
 from pipeline.schedules.lowering import fuse_backward, lower
 from pipeline.schedules.placement import Placement
-from pipeline.schedules.registry import VIRTUAL, build_schedule
+from pipeline.schedules.registry import SCHEDULES, VIRTUAL, build_schedule, stages_per_rank
 from pipeline.schedules.simulator import validate
 
 
@@ -79,11 +79,15 @@ def replica_batch(conf: Config) -> int:
     return microbatch.sizes(conf.train.batch_size, conf.parallel.dp)[0]
 
 
-def check_virtual(name: str, virtual_stages: int) -> None:
-    """Refuse virtual stages for a schedule that has none."""
-    if virtual_stages > 1 and name not in VIRTUAL:
+def check_virtual(name: str, virtual_stages: int) -> int:
+    """The stages per rank schedule `name` runs for pipeline.virtual_stages (ConfigError where it cannot)."""
+    if virtual_stages > 1 and name not in VIRTUAL and SCHEDULES[name].fixed_stages is None:
         raise ConfigError(f"pipeline.virtual_stages={virtual_stages} but pipeline.schedule={name} has no virtual "
                           f"stages; use one of {', '.join(sorted(VIRTUAL))} or pipeline.virtual_stages=1")
+    try:
+        return stages_per_rank(name, virtual_stages)
+    except ValueError as err:
+        raise ConfigError(f"pipeline.virtual_stages={virtual_stages}: {err}") from None
 
 
 def layout(name: str, p: int, m: int, v: int, stage_layers: tuple[range, ...], eval_rows: int = 0) -> Plan:
@@ -108,8 +112,8 @@ def cut(conf: Config, spec: MLPSpec, p: int, v: int, rule: str | tuple[int, ...]
 
 def configured_plan(conf: Config, spec: MLPSpec, p: int, eval_rows: int) -> Plan:
     """The plan of the configured schedule, micro-batches and virtual stages on p ranks."""
-    name, v, m = conf.pipeline.schedule, conf.pipeline.virtual_stages, conf.pipeline.microbatches
-    check_virtual(name, v)
+    name, m = conf.pipeline.schedule, conf.pipeline.microbatches
+    v = check_virtual(name, conf.pipeline.virtual_stages)
     return layout(name, p, m, v, cut(conf, spec, p, v), eval_rows)
 
 

@@ -55,7 +55,8 @@ def options(conf: Config, spec: MLPSpec, p: int, cost_of: Callable[[list[range],
     found = []
     for name, entry in SCHEDULES.items():
         for m in (m for m in MICROBATCH_CHOICES if m <= replica_batch(conf)):
-            for v in (v for v in VIRTUAL_CHOICES if (v == 1 or entry.virtual) and p * v <= spec.num_layers):
+            choices = (entry.fixed_stages,) if entry.fixed_stages else VIRTUAL_CHOICES
+            for v in (v for v in choices if (v == 1 or entry.virtual or entry.fixed_stages) and p * v <= spec.num_layers):
                 if isinstance(conf.pipeline.partition, tuple) and len(conf.pipeline.partition) != p * v:
                     continue
                 found.append(evaluate_option(conf, spec, p, name, m, v, cost_of, budget))

@@ -48,3 +48,15 @@ class Placement:
 def looped(num_ranks: int, virtual_stages: int = 1) -> Placement:
     """The placement of GPipe, 1F1B, interleaved 1F1B and ZB-H1: p ranks, v stages each, round-robin."""
     return Placement(tuple(s % num_ranks for s in range(num_ranks * virtual_stages)))
+
+
+# V: two stages per rank, down the ranks and back up, so the last stage sits beside the first (ZB-V, DualPipeV).
+# p = 3:
+#
+#   stage  0 1 2 3 4 5
+#   rank   0 1 2 2 1 0
+def v_shape(num_ranks: int, virtual_stages: int = 2) -> Placement:
+    """Rank r holds stages r and 2p - 1 - r; the V has exactly two stages per rank."""
+    if virtual_stages != 2:
+        raise ValueError(f"a V places 2 stages on each rank, not {virtual_stages}")
+    return Placement(tuple(range(num_ranks)) + tuple(reversed(range(num_ranks))))

@@ -19,6 +19,7 @@ class Entry(NamedTuple):
     build: Callable[[int, int, int], Schedule]  # (num_ranks, num_microbatches, virtual_stages) -> actions
     placement: Callable[[int, int], Placement]  # (num_ranks, virtual_stages) -> stage -> rank
     virtual: bool  # takes virtual_stages > 1
+    fixed_stages: int | None = None  # the stages per rank it always runs (a V: 2); None: virtual_stages says
 
 
 class Program(NamedTuple):
@@ -37,13 +38,24 @@ SCHEDULES: dict[str, Entry] = {
 VIRTUAL: frozenset[str] = frozenset(name for name, entry in SCHEDULES.items() if entry.virtual)
 
 
-def build_schedule(name: str, num_ranks: int, num_microbatches: int, virtual_stages: int = 1) -> Program:
-    """The compute-only schedule called `name` and its placement; ValueError for unknown names or bad counts."""
+def stages_per_rank(name: str, virtual_stages: int = 1) -> int:
+    """The stages per rank schedule `name` runs when asked for `virtual_stages`: that number where the schedule
+    takes any, else its fixed count (which `virtual_stages` may name, or leave at its default of 1)."""
     if name not in SCHEDULES:
         raise ValueError(f"unknown schedule {name!r}; choose one of {', '.join(SCHEDULES)}")
     entry = SCHEDULES[name]
-    if isinstance(virtual_stages, int) and virtual_stages > 1 and not entry.virtual:
+    fixed = entry.fixed_stages
+    if fixed is not None and virtual_stages not in (1, fixed):
+        raise ValueError(f"{name}: always runs {fixed} stages per rank, so virtual_stages must be {fixed} or left "
+                         f"at 1; got {virtual_stages}")
+    if fixed is None and isinstance(virtual_stages, int) and virtual_stages > 1 and not entry.virtual:
         raise ValueError(f"{name}: virtual_stages must be 1, got {virtual_stages} "
                          f"(schedules with virtual stages: {', '.join(sorted(VIRTUAL))})")
-    actions = entry.build(num_ranks, num_microbatches, virtual_stages)
-    return Program(actions, entry.placement(num_ranks, virtual_stages))
+    return virtual_stages if fixed is None else fixed
+
+
+def build_schedule(name: str, num_ranks: int, num_microbatches: int, virtual_stages: int = 1) -> Program:
+    """The compute-only schedule called `name` and its placement; ValueError for unknown names or bad counts."""
+    v = stages_per_rank(name, virtual_stages)
+    entry = SCHEDULES[name]
+    return Program(entry.build(num_ranks, num_microbatches, v), entry.placement(num_ranks, v))

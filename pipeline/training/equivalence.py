@@ -88,5 +88,6 @@ def pipelined(conf: Config, run_dir: str | Path) -> tuple[Params, dict]:
 def grid(schedules=tuple(SCHEDULES), ranks=(1, 2, 3, 4), microbatches=(1, 3, 4, 8), virtual=(1, 2)) -> Iterator[dict]:
     """Every case of the table: a schedule of the registry x p x m x v (v > 1 only where the schedule has it)."""
     for schedule, p, m, v in itertools.product(schedules, ranks, microbatches, virtual):
-        if v == 1 or SCHEDULES[schedule].virtual:
+        fixed = SCHEDULES[schedule].fixed_stages
+        if (v == 1 or SCHEDULES[schedule].virtual) if fixed is None else v == fixed:
             yield {"schedule": schedule, "ranks": p, "microbatches": m, "virtual_stages": v}
