@@ -20,6 +20,7 @@ from pipeline.schedules.registry import SCHEDULES
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 AUTO = "auto"  # pipeline.schedule=auto: the planner picks schedule, micro-batches and virtual stages
+SEARCH = "search"  # pipeline.schedule=search: a schedule built from the costs (schedules.search), not picked
 OPTIMIZERS = ("sgd", "adam")
 DEFAULTS_FOR_ERRORS = {"optim.lr": 0.1, "loss.l2": 1e-4, "dist.timeout_s": 60, "optim.momentum": 0.9}
 DATASETS = ("digits", "synthetic", "npz")
@@ -312,7 +313,7 @@ def _partition(value: Any) -> str | tuple[int, ...]:
 
 def _pipeline(raw: Mapping[str, Any]) -> PipelineConfig:
     return PipelineConfig(
-        schedule=_choice("pipeline.schedule", raw.get("schedule"), (*SCHEDULES, AUTO)),
+        schedule=_choice("pipeline.schedule", raw.get("schedule"), (*SCHEDULES, AUTO, SEARCH)),
         memory_gib=None if raw.get("memory_gib") is None else _float("pipeline.memory_gib", raw.get("memory_gib"),
                                                                        positive=True),
         microbatches=_int("pipeline.microbatches", raw.get("microbatches")),

@@ -35,6 +35,7 @@ class Plan:
     train_schedule: Schedule  # lowered: compute plus sends and receives, validated
     eval_schedule: Schedule  # forward only, lowered
     eval_microbatches: int
+    origin: str = ""  # for pipeline.schedule=search: which candidate won, e.g. "greedy V, limit 4"
 
     @property
     def num_stages(self) -> int:
@@ -96,11 +97,18 @@ def layout(name: str, p: int, m: int, v: int, stage_layers: tuple[range, ...], e
         compute, placement = build_schedule(name, p, m, v)
     except ValueError as err:
         raise ConfigError(f"pipeline.schedule={name}: {err}") from None
+    return program_layout(name, compute, placement, m, stage_layers, eval_rows)
+
+
+def program_layout(name: str, compute: Schedule, placement: Placement, m: int, stage_layers: tuple[range, ...],
+                   eval_rows: int = 0, origin: str = "") -> Plan:
+    """The plan of a compute-only schedule and its placement: lowered, B+W fused where adjacent, validated."""
     train_schedule = fuse_backward(lower(compute, placement))
     validate(train_schedule, placement, m)  # a failure here is a bug in a builder: it raises with the grid
     eval_mbs = max(1, min(m, eval_rows))
-    return Plan(name, p, v, m, stage_layers, placement, train_schedule,
-                lower(forward_only(placement, eval_mbs), placement), eval_mbs)
+    p = placement.num_ranks
+    return Plan(name, p, placement.num_stages // p, m, stage_layers, placement, train_schedule,
+                lower(forward_only(placement, eval_mbs), placement), eval_mbs, origin)
 
 
 def cut(conf: Config, spec: MLPSpec, p: int, v: int, rule: str | tuple[int, ...] | None = None) -> tuple[range, ...]:

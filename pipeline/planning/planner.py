@@ -1,7 +1,9 @@
 """The planner: every schedule x micro-batch count x virtual stages, ranked by predicted step time among those that fit.
 
 `pipeline.schedule=auto` trains with its choice, made from FLOP counts so every rank makes the same
-choice without talking; `python -m pipeline.plan` prints the ranking.
+choice without talking; `python -m pipeline.plan` prints the ranking. `pipeline.schedule=search` builds
+a schedule from the costs instead (`search`): greedy list schedules (schedules.search) on the looped
+and the V placement, held against every schedule of the registry, the fastest that fits kept.
 """
 
 from __future__ import annotations
@@ -10,13 +12,15 @@ import math
 from dataclasses import dataclass, replace
 from typing import Callable
 
-from pipeline.config import AUTO, Config
+from pipeline.config import AUTO, SEARCH, Config
 from pipeline.errors import ConfigError
 from pipeline.mlp import microbatch
 from pipeline.mlp.model import MLPSpec
 from pipeline.planning.costs import Costs, flop_costs
 from pipeline.planning.memory import rank_memory
-from pipeline.planning.plan import Plan, configured_plan, cut, layout, num_ranks, replica_batch
+from pipeline.planning.plan import Plan, configured_plan, cut, layout, num_ranks, program_layout, replica_batch
+from pipeline.schedules import search as list_scheduling
+from pipeline.schedules.placement import looped, v_shape
 from pipeline.schedules.registry import SCHEDULES
 from pipeline.schedules.simulator import simulate
 
@@ -38,14 +42,79 @@ class Option:
     fits: bool
 
 
+def _rule(conf: Config) -> str | tuple[int, ...]:
+    """The partition the planner cuts by: time is measured only once the ranks can agree, so params stands in."""
+    return conf.pipeline.partition if conf.pipeline.partition != "time" else "params"
+
+
+def _judge(conf: Config, spec: MLPSpec, plan: Plan, costs: Costs, budget: float) -> Option:
+    """What the simulator predicts for `plan` under `costs`, and whether its peak memory fits `budget`."""
+    m = plan.num_microbatches
+    result = simulate(plan.train_schedule, plan.placement, m, costs)
+    mb_sizes = microbatch.sizes(replica_batch(conf), m)
+    memory = [rank_memory(conf, plan, spec, r, mb_sizes).training for r in range(plan.num_ranks)]
+    return Option(plan.schedule, m, plan.virtual_stages, result.makespan, max(result.bubble.values()), memory,
+                  max(memory) <= budget)
+
+
 def evaluate_option(conf: Config, spec: MLPSpec, p: int, name: str, m: int, v: int,
                     cost_of: Callable[[list[range], int], Costs], budget: float) -> Option:
-    rule = conf.pipeline.partition if conf.pipeline.partition != "time" else "params"
-    plan = layout(name, p, m, v, cut(conf, spec, p, v, rule))
-    mb_sizes = microbatch.sizes(replica_batch(conf), m)
-    result = simulate(plan.train_schedule, plan.placement, m, cost_of(list(plan.stage_layers), mb_sizes[0]))
-    memory = [rank_memory(conf, plan, spec, r, mb_sizes).training for r in range(p)]
-    return Option(name, m, v, result.makespan, max(result.bubble.values()), memory, max(memory) <= budget)
+    plan = layout(name, p, m, v, cut(conf, spec, p, v, _rule(conf)))
+    rows = microbatch.sizes(replica_batch(conf), m)[0]
+    return _judge(conf, spec, plan, cost_of(list(plan.stage_layers), rows), budget)
+
+
+def _cuts(conf: Config, num_stages: int) -> bool:
+    """Can pipeline.partition cut the layers into `num_stages` stages? (A list of counts names one number.)"""
+    return not isinstance(conf.pipeline.partition, tuple) or len(conf.pipeline.partition) == num_stages
+
+
+def _family_plans(conf: Config, spec: MLPSpec, p: int, m: int, eval_rows: int) -> list[Plan]:
+    """Every schedule of the registry at m micro-batches, with each number of stages per rank it can take."""
+    plans = []
+    for name, entry in SCHEDULES.items():
+        for v in (entry.fixed_stages,) if entry.fixed_stages else (VIRTUAL_CHOICES if entry.virtual else (1,)):
+            if p * v <= spec.num_layers and _cuts(conf, p * v):
+                plans.append(layout(name, p, m, v, cut(conf, spec, p, v, _rule(conf)), eval_rows))
+    return plans
+
+
+def search(conf: Config, spec: MLPSpec, p: int, m: int, cost_of: Callable[[list[range], int], Costs],
+           budget_gib: float | None, eval_rows: int = 0) -> tuple[Plan, Option]:
+    """pipeline.schedule=search: the fastest predicted plan that fits, among greedy list schedules built from
+    the costs (looped and V placements, every stash limit) and every schedule of the registry; ConfigError
+    when none fits the budget."""
+    budget = math.inf if budget_gib is None else budget_gib * GIB
+    judged = weigh(conf, spec, p, m, cost_of, budget, eval_rows)
+    if not judged:
+        raise ConfigError(f"pipeline.partition={list(conf.pipeline.partition)} cuts {len(conf.pipeline.partition)} "
+                          f"stages, which no schedule the search weighs runs on {p} ranks; use pipeline.partition=uniform")
+    plan, option = min(judged, key=lambda j: (not j[1].fits, j[1].step_s, max(j[1].memory)))
+    if not option.fits:
+        raise ConfigError(f"pipeline.memory_gib={budget_gib}: no schedule fits; the smallest needs "
+                          f"{min(max(o.memory) for _, o in judged) / 2 ** 20:.2f} MiB per rank; raise the budget or "
+                          "add ranks")
+    found = plan if plan.schedule == SEARCH else replace(plan, schedule=SEARCH, origin=plan.schedule)  # a family won
+    return found, Option(SEARCH, m, found.virtual_stages, option.step_s, option.bubble, option.memory, option.fits)
+
+
+def weigh(conf: Config, spec: MLPSpec, p: int, m: int, cost_of: Callable[[list[range], int], Costs],
+          budget: float = math.inf, eval_rows: int = 0) -> list[tuple[Plan, Option]]:
+    """Every plan the search weighs at m micro-batches, with what the simulator predicts for it under the costs."""
+    rows = microbatch.sizes(replica_batch(conf), m)[0]
+    judged = []
+    for plan in _family_plans(conf, spec, p, m, eval_rows):
+        judged.append((plan, _judge(conf, spec, plan, cost_of(list(plan.stage_layers), rows), budget)))
+    placements = {"greedy looped": looped(p), **({"greedy looped v=2": looped(p, 2), "greedy V": v_shape(p)}
+                                                 if 2 * p <= spec.num_layers else {})}
+    for name, placement in ((n, pl) for n, pl in placements.items() if _cuts(conf, pl.num_stages)):
+        stages = cut(conf, spec, p, placement.num_stages // p, _rule(conf))
+        costs = cost_of(list(stages), rows)
+        for label, _, actions in list_scheduling.candidates({name: placement}, m, costs.duration, costs.transfer):
+            plan = program_layout(SEARCH, actions, placement, m, stages, eval_rows, origin=label)
+            judged.append((plan, _judge(conf, spec, plan, costs, budget)))
+    return judged
+
 
 
 def options(conf: Config, spec: MLPSpec, p: int, cost_of: Callable[[list[range], int], Costs],
@@ -60,12 +129,21 @@ def options(conf: Config, spec: MLPSpec, p: int, cost_of: Callable[[list[range],
                 if isinstance(conf.pipeline.partition, tuple) and len(conf.pipeline.partition) != p * v:
                     continue
                 found.append(evaluate_option(conf, spec, p, name, m, v, cost_of, budget))
+    for m in (m for m in MICROBATCH_CHOICES if m <= replica_batch(conf)):
+        try:
+            found.append(search(conf, spec, p, m, cost_of, budget_gib)[1])
+        except ConfigError:  # nothing the search builds fits the budget at this m
+            pass
     return sorted(found, key=lambda o: (not o.fits, o.step_s, max(o.memory)))
+
+
+def _flop_costs(spec: MLPSpec) -> Callable[[list[range], int], Costs]:
+    return lambda stages, rows: flop_costs(spec, stages, rows)
 
 
 def choose(conf: Config, spec: MLPSpec, p: int) -> Option:
     """The planner's pick for pipeline.schedule=auto (FLOP-count costs: the same on every rank)."""
-    ranked = options(conf, spec, p, lambda stages, rows: flop_costs(spec, stages, rows), conf.pipeline.memory_gib)
+    ranked = options(conf, spec, p, _flop_costs(spec), conf.pipeline.memory_gib)
     if not ranked or not ranked[0].fits:
         least = min((max(o.memory) for o in ranked), default=0) / 2 ** 20
         raise ConfigError(f"pipeline.memory_gib={conf.pipeline.memory_gib}: no schedule fits; the smallest "
@@ -74,8 +152,12 @@ def choose(conf: Config, spec: MLPSpec, p: int) -> Option:
 
 
 def make_plan(conf: Config, spec: MLPSpec, world_size: int, eval_rows: int) -> Plan:
-    """The run's plan: the configured schedule, or the planner's choice for pipeline.schedule=auto."""
+    """The run's plan: the configured schedule, the planner's choice for pipeline.schedule=auto, or the schedule
+    it builds for pipeline.schedule=search (both from FLOP-count costs, the same on every rank)."""
     p = num_ranks(conf, world_size)
+    if conf.pipeline.schedule == SEARCH:
+        return search(conf, spec, p, conf.pipeline.microbatches, _flop_costs(spec), conf.pipeline.memory_gib,
+                      eval_rows)[0]
     if conf.pipeline.schedule == AUTO:
         best = choose(conf, spec, p)
         conf = replace(conf, pipeline=replace(conf.pipeline, schedule=best.schedule,

@@ -1,0 +1,121 @@
+"""pipeline.schedule=search: greedy list schedules built from costs, held against every schedule of the registry."""
+
+import pytest
+
+from pipeline.config import compose
+from pipeline.errors import ConfigError
+from pipeline.planning import planner
+from pipeline.planning.costs import Costs, flop_costs
+from pipeline.planning.plan import program_layout
+from pipeline.schedules.actions import Action
+from pipeline.schedules.lowering import fuse_backward, lower
+from pipeline.schedules.placement import looped, v_shape
+from pipeline.schedules.search import greedy
+from pipeline.schedules.simulator import simulate, validate
+from pipeline.training.equivalence import difference, pipelined, problem, reference
+from pipeline.training.setup import load_data, model_spec
+
+pytestmark = pytest.mark.timeout(300)
+UNIT = lambda action: 1.0  # noqa: E731
+FREE = lambda producer: 0.0  # noqa: E731
+BENCHMARK = ["model.hidden=[1024,1024,1024,1024,1024,1024,1024,1024]", "data=synthetic", "data.dim=256",
+             "data.classes=10", "data.n=4096", "train.batch_size=256"]  # benchmarks/harness.py's default model
+
+
+def _line(schedule, rank: int) -> str:
+    return " ".join(str(a) for a in schedule[rank])
+
+
+def test_greedy_runs_b_first_then_f_then_w_in_the_gaps():
+    # p = 2, m = 3, unit costs, room for every micro-batch: rank 1 turns each F around at once; rank 0 keeps
+    # forwarding until its first gradient is back, and its Ws fill the waits for the next ones
+    schedule = greedy(looped(2), 3, UNIT, FREE, limit=3)
+    assert _line(schedule, 0) == "0F0 0F1 0F2 0B0 0W0 0B1 0W1 0B2 0W2"
+    assert _line(schedule, 1) == "1F0 1B0 1F1 1B1 1F2 1B2 1W0 1W1 1W2"
+
+
+@pytest.mark.parametrize("shape", ["looped", "V"])
+def test_every_greedy_schedule_is_valid_and_keeps_its_limit(shape):
+    for p in (1, 2, 3, 4):
+        placement = looped(p) if shape == "looped" else v_shape(p)
+        per_rank = placement.num_stages // p
+        for m in (1, 2, 3, 5, 8):
+            for limit in range(1, m + 1):
+                schedule = greedy(placement, m, UNIT, FREE, limit)
+                validate(schedule, placement, m)
+                validate(fuse_backward(lower(schedule, placement)), placement, m)
+                assert max(simulate(schedule, placement, m).peak_stash.values()) <= limit * per_rank
+
+
+def test_a_bad_limit_is_refused():
+    with pytest.raises(ValueError, match="limit must be an integer >= 1"):
+        greedy(looped(2), 4, UNIT, FREE, 0)
+
+
+def _equal_layers(p: int, m: int) -> tuple:
+    """A model of eight equal layers, so a stage's cost is its share of the layers under every placement."""
+    conf = compose(["data=synthetic", "data.dim=32", "data.classes=32", "model.hidden=[32,32,32,32,32,32,32]",
+                    "train.batch_size=64", "pipeline.transport=inprocess", f"pipeline.ranks={p}",
+                    f"pipeline.microbatches={m}"])
+    spec = model_spec(conf, load_data(conf))
+
+    def unit(stages, rows):  # F = B = W = 1 per layer, messages free
+        return Costs({(s, k): float(len(layers)) for s, layers in enumerate(stages) for k in "FBW"}, {})
+    return conf, spec, unit
+
+
+@pytest.mark.parametrize("p", [2, 4])
+@pytest.mark.parametrize("m", [4, 8, 16])
+def test_under_unit_costs_the_search_is_never_worse_than_the_best_schedule_at_the_same_cap(p, m):
+    """search() picks the fastest of what weigh() returns that fits the cap: at every family's own memory as the
+    cap it is no slower than that family; with no cap, a greedy schedule alone is as fast as the best family."""
+    conf, spec, unit = _equal_layers(p, m)
+    weighed = planner.weigh(conf, spec, p, m, unit)
+    families = [o for plan, o in weighed if not plan.origin]
+    for judged in families:
+        cap_gib = max(judged.memory) / 2 ** 30
+        plan, option = planner.search(conf, spec, p, m, unit, cap_gib)
+        assert option.step_s <= judged.step_s and max(option.memory) <= max(judged.memory), judged
+    greedy_best = min(o.step_s for plan, o in weighed if plan.origin.startswith("greedy"))
+    assert greedy_best <= min(o.step_s for o in families)
+
+
+def test_on_the_uneven_benchmark_model_the_greedy_beats_every_schedule_of_the_registry():
+    """The default benchmark model (256-1024x8-10) at p = 2, m = 8: its uniform cut is uneven (stage 0 holds the
+    cheap 256-wide layer), and a schedule built from its FLOP costs is predicted faster than every family's."""
+    conf = compose([*BENCHMARK, "pipeline.transport=inprocess", "pipeline.ranks=2", "pipeline.microbatches=8"])
+    spec = model_spec(conf, load_data(conf))
+    costs = lambda stages, rows: flop_costs(spec, stages, rows)  # noqa: E731
+    plan, option = planner.search(conf, spec, 2, 8, costs, None)
+    assert plan.origin.startswith("greedy")
+    families = [(plan, o) for plan, o in planner.weigh(conf, spec, 2, 8, costs) if not plan.origin]
+    assert len(families) >= 4
+    for family, judged in families:  # no cap: faster than every family
+        assert option.step_s < judged.step_s, (family.schedule, family.virtual_stages)
+    cap_gib = max(option.memory) / 2 ** 30  # its own memory as the cap: faster than every family that fits it
+    assert planner.search(conf, spec, 2, 8, costs, cap_gib)[1].step_s == option.step_s
+    assert all(option.step_s < o.step_s for _, o in families if max(o.memory) <= max(option.memory))
+
+
+@pytest.mark.parametrize("p", [2, 3])
+def test_training_with_the_searched_schedule_is_exact(tmp_path, p):
+    conf = problem(schedule="search", ranks=p, microbatches=3)  # batch 10 in 3 uneven micro-batches
+    params, summary = pipelined(conf, tmp_path)
+    assert summary["schedule"] == "search"
+    assert difference(params, reference(conf)) <= 1e-6
+
+
+def test_search_under_a_budget_nothing_meets_is_one_line():
+    conf = compose(["pipeline.schedule=search", "pipeline.memory_gib=0.000001", "pipeline.transport=inprocess",
+                    "pipeline.ranks=2"])
+    with pytest.raises(ConfigError, match=r"pipeline.memory_gib=1e-06: no schedule fits; the smallest needs"):
+        planner.make_plan(conf, model_spec(conf, load_data(conf)), 1, eval_rows=10)
+
+
+def test_search_keeps_b_and_w_apart_and_the_plan_fuses_only_adjacent_pairs():
+    schedule = greedy(looped(2), 3, UNIT, FREE, limit=3)  # rank 0: 0B0 0W0 0B1 0W1 0B2 0W2 (the first test)
+    assert {a.kind for actions in schedule.values() for a in actions} == {"F", "B", "W"}
+    adjacent = sum(a.kind == "B" and b == Action(a.stage_index, "W", a.mb_index)
+                   for actions in schedule.values() for a, b in zip(actions, actions[1:]))
+    plan = program_layout("search", schedule, looped(2), 3, (range(0, 2), range(2, 4)))
+    assert adjacent == 3 == sum(a.kind == "BW" for actions in plan.train_schedule.values() for a in actions)
