@@ -12,7 +12,7 @@ from pipeline.schedules.actions import Action, Schedule
 from pipeline.schedules.placement import Placement, looped
 
 
-def _check_numbers(name: str, num_ranks: int, num_microbatches: int, virtual_stages: int,
+def check_numbers(name: str, num_ranks: int, num_microbatches: int, virtual_stages: int,
                    has_virtual: bool = False) -> None:
     """Raise ValueError unless the counts are positive integers this schedule supports."""
     for label, value in (("num_ranks", num_ranks), ("num_microbatches", num_microbatches),
@@ -45,7 +45,7 @@ def _merge_one_f_one_b(forwards: list[Action], backwards: list[Action],
 # Each rank idles 3(p-1) of 3(m+p-1) units, a bubble of (p-1)/(m+p-1), and stashes all m.
 def gpipe(num_ranks: int, num_microbatches: int, virtual_stages: int = 1) -> Schedule:
     """Fill-drain schedule: all forwards, then all combined backwards (BW)."""
-    _check_numbers("gpipe", num_ranks, num_microbatches, virtual_stages, has_virtual=True)
+    check_numbers("gpipe", num_ranks, num_microbatches, virtual_stages, has_virtual=True)
     schedule: Schedule = {}
     placement = looped(num_ranks, virtual_stages)
     for rank in range(num_ranks):
@@ -69,7 +69,7 @@ def gpipe(num_ranks: int, num_microbatches: int, virtual_stages: int = 1) -> Sch
 # Same makespan 3(m+p-1) and bubble (p-1)/(m+p-1) as GPipe, with far less memory.
 def one_f_one_b(num_ranks: int, num_microbatches: int, virtual_stages: int = 1) -> Schedule:
     """PipeDream-Flush 1F1B with combined backwards (BW); virtual_stages must be 1."""
-    _check_numbers("1f1b", num_ranks, num_microbatches, virtual_stages)
+    check_numbers("1f1b", num_ranks, num_microbatches, virtual_stages)
     schedule: Schedule = {}
     for rank in range(num_ranks):
         forwards = [Action(rank, "F", mb) for mb in range(num_microbatches)]
@@ -102,7 +102,7 @@ def _interleaved_order(num_ranks: int, num_microbatches: int, virtual_stages: in
 # With v=1 this is plain 1F1B.
 def interleaved_1f1b(num_ranks: int, num_microbatches: int, virtual_stages: int) -> Schedule:
     """Megatron interleaved 1F1B with virtual_stages chunks per rank; any m >= 1."""
-    _check_numbers("interleaved_1f1b", num_ranks, num_microbatches, virtual_stages, has_virtual=True)
+    check_numbers("interleaved_1f1b", num_ranks, num_microbatches, virtual_stages, has_virtual=True)
     if virtual_stages == 1:
         return one_f_one_b(num_ranks, num_microbatches)
     padded = -(-num_microbatches // num_ranks) * num_ranks
@@ -135,7 +135,7 @@ def interleaved_1f1b(num_ranks: int, num_microbatches: int, virtual_stages: int)
 # peak), while those still waiting for B stay at 1F1B's min(p-r, m).
 def zb_h1(num_ranks: int, num_microbatches: int, virtual_stages: int = 1) -> Schedule:
     """Zero Bubble ZB-H1 with separate B and W; virtual_stages must be 1."""
-    _check_numbers("zb_h1", num_ranks, num_microbatches, virtual_stages)
+    check_numbers("zb_h1", num_ranks, num_microbatches, virtual_stages)
     return {rank: _zb_h1_rank(rank, num_ranks, num_microbatches) for rank in range(num_ranks)}
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Callable, NamedTuple
 
-from pipeline.schedules import builders
+from pipeline.schedules import builders, zb_h2
 from pipeline.schedules.actions import Schedule
 from pipeline.schedules.placement import Placement, looped
 
@@ -34,6 +34,7 @@ SCHEDULES: dict[str, Entry] = {
     "1f1b": Entry(builders.one_f_one_b, looped, virtual=False),
     "interleaved_1f1b": Entry(builders.interleaved_1f1b, looped, virtual=True),
     "zb_h1": Entry(builders.zb_h1, looped, virtual=False),
+    "zb_h2": Entry(zb_h2.zb_h2, looped, virtual=False),
 }
 VIRTUAL: frozenset[str] = frozenset(name for name, entry in SCHEDULES.items() if entry.virtual)
 
