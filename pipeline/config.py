@@ -21,6 +21,7 @@ from pipeline.schedules.registry import SCHEDULES
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 AUTO = "auto"  # pipeline.schedule=auto: the planner picks schedule, micro-batches and virtual stages
 SEARCH = "search"  # pipeline.schedule=search: a schedule built from the costs (schedules.search), not picked
+FILE = "file"  # pipeline.schedule=file: the schedule written in pipeline.schedule_file (schedules.files)
 OPTIMIZERS = ("sgd", "adam")
 DEFAULTS_FOR_ERRORS = {"optim.lr": 0.1, "loss.l2": 1e-4, "dist.timeout_s": 60, "optim.momentum": 0.9}
 DATASETS = ("digits", "synthetic", "npz")
@@ -81,6 +82,7 @@ class PipelineConfig:
     transport: str = P2P  # p2p: one rank per process (torchrun); inprocess: every rank in this process
     ranks: int | None = None  # p; with p2p it must equal the world size
     recompute: bool = False  # keep only each stage's input per micro-batch; recompute the rest in its backward
+    schedule_file: str | None = None  # with schedule=file: torch's compute-only CSV (.csv) or our action lines
 
     @property
     def in_process(self) -> bool:
@@ -311,9 +313,22 @@ def _partition(value: Any) -> str | tuple[int, ...]:
     return value
 
 
+def _schedule_file(schedule: str, path: Any) -> str | None:
+    """pipeline.schedule_file: required with pipeline.schedule=file, refused without it."""
+    if schedule == FILE and (not isinstance(path, str) or not path):
+        raise ConfigError(f"pipeline.schedule=file needs pipeline.schedule_file=PATH (torch's CSV as .csv, or our "
+                          f"action lines), got {path!r}; set pipeline.schedule_file=PATH")
+    if schedule != FILE and path is not None:
+        raise ConfigError(f"pipeline.schedule_file={path} is read only with pipeline.schedule=file, not "
+                          f"pipeline.schedule={schedule}; add pipeline.schedule=file or drop pipeline.schedule_file")
+    return path
+
+
 def _pipeline(raw: Mapping[str, Any]) -> PipelineConfig:
+    schedule = _choice("pipeline.schedule", raw.get("schedule"), (*SCHEDULES, AUTO, SEARCH, FILE))
     return PipelineConfig(
-        schedule=_choice("pipeline.schedule", raw.get("schedule"), (*SCHEDULES, AUTO, SEARCH)),
+        schedule=schedule,
+        schedule_file=_schedule_file(schedule, raw.get("schedule_file")),
         memory_gib=None if raw.get("memory_gib") is None else _float("pipeline.memory_gib", raw.get("memory_gib"),
                                                                        positive=True),
         microbatches=_int("pipeline.microbatches", raw.get("microbatches")),

@@ -10,17 +10,18 @@ import math
 from dataclasses import dataclass, replace
 from typing import Callable
 
-from pipeline.config import Config
+from pipeline.config import FILE, Config
 from pipeline.errors import ConfigError
 from pipeline.mlp import microbatch
 from pipeline.mlp.model import MLPSpec
 from pipeline.planning import partition
 from pipeline.planning.costs import layer_times
+from pipeline.schedules import files
 from pipeline.schedules.actions import Schedule
 from pipeline.schedules.builders import forward_only
 from pipeline.schedules.lowering import fuse_backward, lower
 from pipeline.schedules.placement import Placement
-from pipeline.schedules.registry import SCHEDULES, VIRTUAL, build_schedule, stages_per_rank
+from pipeline.schedules.registry import SCHEDULES, VIRTUAL, Program, build_schedule, stages_per_rank
 from pipeline.schedules.simulator import validate
 
 
@@ -94,10 +95,10 @@ def check_virtual(name: str, virtual_stages: int) -> int:
 def layout(name: str, p: int, m: int, v: int, stage_layers: tuple[range, ...], eval_rows: int = 0) -> Plan:
     """Build, lower and validate schedule `name` for these counts and stages (ConfigError on bad counts)."""
     try:
-        compute, placement = build_schedule(name, p, m, v)
+        program = build_schedule(name, p, m, v)
     except ValueError as err:
         raise ConfigError(f"pipeline.schedule={name}: {err}") from None
-    return program_layout(name, compute, placement, m, stage_layers, eval_rows)
+    return program_layout(name, program.actions, program.placement, m, stage_layers, eval_rows)
 
 
 def program_layout(name: str, compute: Schedule, placement: Placement, m: int, stage_layers: tuple[range, ...],
@@ -107,8 +108,37 @@ def program_layout(name: str, compute: Schedule, placement: Placement, m: int, s
     validate(train_schedule, placement, m)  # a failure here is a bug in a builder: it raises with the grid
     eval_mbs = max(1, min(m, eval_rows))
     p = placement.num_ranks
-    return Plan(name, p, placement.num_stages // p, m, stage_layers, placement, train_schedule,
+    v = max(len(placement.stages_of(r)) for r in range(p))
+    return Plan(name, p, v, m, stage_layers, placement, train_schedule,
                 lower(forward_only(placement, eval_mbs), placement), eval_mbs, origin)
+
+
+def file_program(path: str, p: int, m: int) -> Program:
+    """The validated schedule of pipeline.schedule_file for p ranks and m micro-batches (ConfigError in one line)."""
+    try:
+        program = files.load(path, m, key="pipeline.microbatches")
+    except ValueError as err:
+        raise ConfigError(f"pipeline.schedule_file={err}") from None  # err starts with the path
+    rows = program.placement.num_ranks
+    if rows != p:
+        raise ConfigError(f"pipeline.schedule_file={path} has {rows} rows (one per rank) but the run has {p} ranks; "
+                          f"run {rows} ranks (pipeline.ranks={rows}, or {rows} processes) or write one row per rank")
+    return program
+
+
+def file_plan(conf: Config, spec: MLPSpec, p: int, eval_rows: int) -> Plan:
+    """pipeline.schedule=file: the file's stages and placement; the partition cuts the layers into that many stages."""
+    path, m = conf.pipeline.schedule_file, conf.pipeline.microbatches
+    program = file_program(path, p, m)
+    placement = program.placement
+    v = max(len(placement.stages_of(r)) for r in range(p))
+    if conf.pipeline.virtual_stages not in (1, v):
+        raise ConfigError(f"pipeline.virtual_stages={conf.pipeline.virtual_stages} but pipeline.schedule_file={path} "
+                          f"places up to {v} stage(s) per rank; the file fixes the stages: leave "
+                          "pipeline.virtual_stages at 1")
+    where = f"pipeline.schedule_file={path}"
+    counts = partition.layer_counts(spec, placement.num_stages, conf.pipeline.partition, where)
+    return program_layout(FILE, program.actions, placement, m, tuple(partition.stage_layers(counts)), eval_rows)
 
 
 def cut(conf: Config, spec: MLPSpec, p: int, v: int, rule: str | tuple[int, ...] | None = None) -> tuple[range, ...]:
@@ -121,6 +151,8 @@ def cut(conf: Config, spec: MLPSpec, p: int, v: int, rule: str | tuple[int, ...]
 def configured_plan(conf: Config, spec: MLPSpec, p: int, eval_rows: int) -> Plan:
     """The plan of the configured schedule, micro-batches and virtual stages on p ranks."""
     name, m = conf.pipeline.schedule, conf.pipeline.microbatches
+    if name == FILE:
+        return file_plan(conf, spec, p, eval_rows)
     v = check_virtual(name, conf.pipeline.virtual_stages)
     return layout(name, p, m, v, cut(conf, spec, p, v), eval_rows)
 

@@ -155,13 +155,13 @@ def make_plan(conf: Config, spec: MLPSpec, world_size: int, eval_rows: int) -> P
     """The run's plan: the configured schedule, the planner's choice for pipeline.schedule=auto, or the schedule
     it builds for pipeline.schedule=search (both from FLOP-count costs, the same on every rank)."""
     p = num_ranks(conf, world_size)
-    if conf.pipeline.schedule == SEARCH:
-        return search(conf, spec, p, conf.pipeline.microbatches, _flop_costs(spec), conf.pipeline.memory_gib,
-                      eval_rows)[0]
     if conf.pipeline.schedule == AUTO:
         best = choose(conf, spec, p)
         conf = replace(conf, pipeline=replace(conf.pipeline, schedule=best.schedule,
                                               microbatches=best.microbatches, virtual_stages=best.virtual_stages))
+    if conf.pipeline.schedule == SEARCH:
+        return search(conf, spec, p, conf.pipeline.microbatches, _flop_costs(spec), conf.pipeline.memory_gib,
+                      eval_rows)[0]
     return configured_plan(conf, spec, p, eval_rows)
 
 
