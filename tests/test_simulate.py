@@ -205,7 +205,7 @@ def test_nccl_needs_messages_received_in_the_order_they_are_sent() -> None:
         check_in_order(lower({0: _acts("0F0 0F1 0B1 0B0 0W0 0W1"), 1: _acts("1F1 1F0 1BW1 1BW0")}, looped(2)), looped(2))
     for name, entry in SCHEDULES.items():
         for p, m, v in ((2, 3, 1), (3, 8, 1), (4, 4, 2), (4, 8, 2)):
-            if v == 1 or entry.virtual:
+            if (v == 1 or entry.virtual) and name != "dualpipe_v":  # not from p = 3: tests/test_dualpipe_v.py
                 actions, placement = build_schedule(name, p, m, v)
                 check_in_order(fuse_backward(lower(actions, placement)), placement)
 

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 from typing import Callable, NamedTuple
 
-from pipeline.schedules import builders, zb_h2
+from pipeline.schedules import builders
 from pipeline.schedules.actions import Schedule
-from pipeline.schedules.placement import Placement, looped
+from pipeline.schedules.dualpipe_v import dualpipe_v
+from pipeline.schedules.zb_h2 import zb_h2
+from pipeline.schedules.placement import Placement, looped, v_shape
 
 
 class Entry(NamedTuple):
@@ -34,7 +36,8 @@ SCHEDULES: dict[str, Entry] = {
     "1f1b": Entry(builders.one_f_one_b, looped, virtual=False),
     "interleaved_1f1b": Entry(builders.interleaved_1f1b, looped, virtual=True),
     "zb_h1": Entry(builders.zb_h1, looped, virtual=False),
-    "zb_h2": Entry(zb_h2.zb_h2, looped, virtual=False),
+    "zb_h2": Entry(zb_h2, looped, virtual=False),
+    "dualpipe_v": Entry(dualpipe_v, v_shape, virtual=False, fixed_stages=2),
 }
 VIRTUAL: frozenset[str] = frozenset(name for name, entry in SCHEDULES.items() if entry.virtual)
 
