@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import Counter, deque
 
 from pipeline.schedules.actions import Action, Schedule
-from pipeline.schedules.builders import _check_numbers
+from pipeline.schedules.builders import check_numbers
 from pipeline.schedules.placement import v_shape
 
 NAME = "dualpipe_v"
@@ -66,7 +66,7 @@ class _Writer:
 # twice the size idles 2(p-1) = 2. Rank 0's overlap pairs here: 0F3+3BW1, 3F2+0BW0, then 3F3+0BW1.
 def dualpipe_v(num_ranks: int, num_microbatches: int, virtual_stages: int = 2) -> Schedule:
     """DualPipeV on the V placement (two stages per rank); any m >= 1, virtual_stages must be 2."""
-    _check_numbers(NAME, num_ranks, num_microbatches, virtual_stages, has_virtual=True)
+    check_numbers(NAME, num_ranks, num_microbatches, virtual_stages, has_virtual=True)
     if virtual_stages != 2:
         raise ValueError(f"{NAME}: runs 2 stages per rank (a V), so virtual_stages must be 2, got {virtual_stages}")
     return {rank: [a for a in _rank(rank, num_ranks, num_microbatches) if a.mb_index < num_microbatches]
