@@ -56,15 +56,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     result = simulate(shown, placement, args.microbatches, costs)
     print(format_grid(shown))
     print()
-    print(_describe(args, costs))
+    print(_describe(args, costs, placement.num_stages))
     print(format_summary(result))
     return 0
 
 
-def _describe(args: argparse.Namespace, costs: dict[str, float] | None) -> str:
+def _describe(args: argparse.Namespace, costs: dict[str, float] | None, num_stages: int) -> str:
     """One line naming the schedule, its shape and the costs it was simulated with."""
     unit = {"F": 1.0, "B": 1.0, "W": 1.0, "comm": 0.0, **(costs or {})}
-    num_stages = args.stages * args.virtual_stages
     return (f"{args.schedule}: {args.stages} ranks, {num_stages} stages, "
             f"{args.microbatches} micro-batches; costs F={unit['F']:g} B={unit['B']:g} "
             f"W={unit['W']:g} BW={unit['B'] + unit['W']:g} comm={unit['comm']:g}")

@@ -9,7 +9,7 @@ from pipeline.schedules.actions import COMM_KINDS, COMPUTE_KINDS, Action, format
 from pipeline.schedules.builders import gpipe, interleaved_1f1b, one_f_one_b, zb_h1
 from pipeline.schedules.lowering import lower
 from pipeline.schedules.placement import Placement, looped, v_shape as placement_v
-from pipeline.schedules.registry import SCHEDULES, VIRTUAL, build_schedule
+from pipeline.schedules.registry import SCHEDULES, VIRTUAL, build_schedule, stages_per_rank
 from pipeline.schedules.simulator import validate
 
 pytestmark = pytest.mark.timeout(60)
@@ -90,7 +90,7 @@ def test_a_placement_is_data_any_shape_works() -> None:
 def test_every_schedule_names_its_placement_in_the_registry() -> None:
     for name, entry in SCHEDULES.items():
         actions, placement = build_schedule(name, 3, 4, 2 if entry.virtual else 1)
-        assert placement == entry.placement(3, 2 if entry.virtual else 1)
+        assert placement == entry.placement(3, stages_per_rank(name, 2 if entry.virtual else 1))
         validate(actions, placement, 4)  # every action sits on the rank its placement names
 
 

@@ -10,7 +10,8 @@ from typing import Callable, NamedTuple
 
 from pipeline.schedules import builders
 from pipeline.schedules.actions import Schedule
-from pipeline.schedules.placement import Placement, looped
+from pipeline.schedules.placement import Placement, looped, v_shape
+from pipeline.schedules.zb_v import zb_v
 
 
 class Entry(NamedTuple):
@@ -34,6 +35,7 @@ SCHEDULES: dict[str, Entry] = {
     "1f1b": Entry(builders.one_f_one_b, looped, virtual=False),
     "interleaved_1f1b": Entry(builders.interleaved_1f1b, looped, virtual=True),
     "zb_h1": Entry(builders.zb_h1, looped, virtual=False),
+    "zb_v": Entry(zb_v, v_shape, virtual=False, fixed_stages=2),
 }
 VIRTUAL: frozenset[str] = frozenset(name for name, entry in SCHEDULES.items() if entry.virtual)
 
