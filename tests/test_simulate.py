@@ -202,7 +202,13 @@ def test_nccl_needs_messages_received_in_the_order_they_are_sent() -> None:
     # valid over gloo (tags match messages), but rank 1 receives micro-batch 1 before 0
     with pytest.raises(ScheduleError, match=r"rank 0: 0SEND_F1 is sent after the message of 1RECV_F0, but rank 1 "
                                             r"runs 1RECV_F1 first; NCCL pairs messages in order"):
-        check_in_order(lower({0: _acts("0F0 0F1 0B1 0B0 0W0 0W1"), 1: _acts("1F1 1F0 1BW1 1BW0")}, looped(2)), looped(2))
+        check_in_order({0: _acts("0F0 0SEND_F0 0F1 0SEND_F1 0RECV_B1 0B1 0RECV_B0 0B0 0W0 0W1"),
+                        1: _acts("1RECV_F1 1F1 1RECV_F0 1F0 1BW1 1SEND_B1 1BW0 1SEND_B0")}, looped(2))
+    # lower() reads each link in send order: rank 1 takes micro-batch 0's input first, then computes 1 before 0
+    lowered = lower({0: _acts("0F0 0F1 0B1 0B0 0W0 0W1"), 1: _acts("1F1 1F0 1BW1 1BW0")}, looped(2))
+    assert " ".join(map(str, lowered[1])) == "1RECV_F0 1RECV_F1 1F1 1F0 1BW1 1SEND_B1 1BW0 1SEND_B0"
+    check_in_order(lowered, looped(2))
+    validate(lowered, looped(2), 2)
     for name, entry in SCHEDULES.items():
         for p, m, v in ((2, 3, 1), (3, 8, 1), (4, 4, 2), (4, 8, 2)):
             if (v == 1 or entry.virtual) and name != "dualpipe_v":  # not from p = 3: tests/test_dualpipe_v.py

@@ -165,7 +165,8 @@ def _objective(g: _Builder, num_layers: int, column: int, stage_index: int) -> i
 
 
 def _regions(cuts: list[Cut], right: float, placement: Placement) -> tuple[StageRegion, ...]:
-    """Stage s spans from its cut (or the left edge) to the next cut (or the right edge); rank s mod p."""
+    """Stage s spans from its cut (or the left edge) to the next cut (or the right edge), on the rank the
+    placement gives it (a V puts the first and the last stage on rank 0)."""
     bounds = [-0.7, *(cut.x for cut in cuts), right + 0.9]
     return tuple(StageRegion(s, placement.rank_of(s), bounds[s], bounds[s + 1]) for s in range(len(bounds) - 1))
 

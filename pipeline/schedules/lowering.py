@@ -30,10 +30,50 @@ def _lower_action(action: Action, placement: Placement) -> list[Action]:
 
 
 def lower(schedule: Schedule, placement: Placement) -> Schedule:
-    """Add SEND/RECV actions around compute whose neighbouring stage lives on another rank."""
+    """Add SEND/RECV actions around compute whose neighbouring stage lives on another rank, each rank
+    receiving from a peer in the order that peer sends (see _receive_in_send_order)."""
     if any(a.kind in COMM_KINDS for actions in schedule.values() for a in actions):
         raise ValueError("lower() takes a compute-only schedule; this one already has SEND/RECV")
-    return {rank: [out for a in actions for out in _lower_action(a, placement)] for rank, actions in schedule.items()}
+    lowered = {rank: [out for a in actions for out in _lower_action(a, placement)] for rank, actions in schedule.items()}
+    return _receive_in_send_order(lowered, placement)
+
+
+def _sent_to(lowered: Schedule, placement: Placement) -> dict[tuple[int, int], list[Action]]:
+    """(sender, receiver) -> the RECVs that read the sender's messages, in the order it sends them."""
+    links: dict[tuple[int, int], list[Action]] = {}
+    for rank, actions in lowered.items():
+        for stage, kind, mb in actions:
+            if kind in ("SEND_F", "SEND_B"):
+                peer = stage + 1 if kind == "SEND_F" else stage - 1
+                recv = Action(peer, "RECV_F" if kind == "SEND_F" else "RECV_B", mb)
+                links.setdefault((rank, placement.rank_of(peer)), []).append(recv)
+    return links
+
+
+def _receive_in_send_order(lowered: Schedule, placement: Placement) -> Schedule:
+    """Move receives earlier where a peer sends two kinds of message (a V's F and B share a link) and the
+    reader would take them out of order: before reading a message, read every one its sender sent first.
+
+    NCCL pairs the k-th send with the k-th receive (simulator.check_in_order). A message sent earlier has
+    left by the time a later one arrives, so reading it early adds no wait; it only sits in memory sooner.
+    Schedules already in order (every looped one) come back unchanged.
+    """
+    links = _sent_to(lowered, placement)
+    ordered: Schedule = {}
+    for rank, actions in lowered.items():
+        received: set[Action] = set()
+        out: list[Action] = []
+        for action in actions:
+            if action.kind in ("RECV_F", "RECV_B"):
+                sender = placement.rank_of(action.stage_index + (-1 if action.kind == "RECV_F" else 1))
+                queue = links[(sender, rank)]
+                earlier = queue[:queue.index(action) + 1]
+                out += [recv for recv in earlier if recv not in received]
+                received.update(earlier)
+            else:
+                out.append(action)
+        ordered[rank] = out
+    return ordered
 
 
 def fuse_backward(schedule: Schedule) -> Schedule:

@@ -11,8 +11,9 @@ from typing import Callable, NamedTuple
 from pipeline.schedules import builders
 from pipeline.schedules.actions import Schedule
 from pipeline.schedules.dualpipe_v import dualpipe_v
-from pipeline.schedules.zb_h2 import zb_h2
 from pipeline.schedules.placement import Placement, looped, v_shape
+from pipeline.schedules.zb_h2 import zb_h2
+from pipeline.schedules.zb_v import zb_v
 
 
 class Entry(NamedTuple):
@@ -37,6 +38,7 @@ SCHEDULES: dict[str, Entry] = {
     "interleaved_1f1b": Entry(builders.interleaved_1f1b, looped, virtual=True),
     "zb_h1": Entry(builders.zb_h1, looped, virtual=False),
     "zb_h2": Entry(zb_h2, looped, virtual=False),
+    "zb_v": Entry(zb_v, v_shape, virtual=False, fixed_stages=2),
     "dualpipe_v": Entry(dualpipe_v, v_shape, virtual=False, fixed_stages=2),
 }
 VIRTUAL: frozenset[str] = frozenset(name for name, entry in SCHEDULES.items() if entry.virtual)
