@@ -80,21 +80,22 @@ def test_under_unit_costs_the_search_is_never_worse_than_the_best_schedule_at_th
     assert greedy_best <= min(o.step_s for o in families)
 
 
-def test_on_the_uneven_benchmark_model_the_greedy_beats_every_schedule_of_the_registry():
-    """The default benchmark model (256-1024x8-10) at p = 2, m = 8: its uniform cut is uneven (stage 0 holds the
-    cheap 256-wide layer), and a schedule built from its FLOP costs is predicted faster than every family's."""
+def test_on_the_uneven_benchmark_model_the_search_reaches_the_bound_the_best_family_reaches():
+    """The default benchmark model (256-1024x8-10) at p = 2, m = 8, FLOP-count costs: its seven 1024x1024 layers
+    split 4 : 3 over two ranks whatever the cut, so the rank with four is busy the whole step but for the wait for
+    its first input. The greedy V schedule gets there (as DualPipeV does), ahead of ZB-V, ZB-H1 and 1F1B."""
     conf = compose([*BENCHMARK, "pipeline.transport=inprocess", "pipeline.ranks=2", "pipeline.microbatches=8"])
     spec = model_spec(conf, load_data(conf))
     costs = lambda stages, rows: flop_costs(spec, stages, rows)  # noqa: E731
     plan, option = planner.search(conf, spec, 2, 8, costs, None)
-    assert plan.origin.startswith("greedy")
-    families = [(plan, o) for plan, o in planner.weigh(conf, spec, 2, 8, costs) if not plan.origin]
-    assert len(families) >= 4
-    for family, judged in families:  # no cap: faster than every family
-        assert option.step_s < judged.step_s, (family.schedule, family.virtual_stages)
-    cap_gib = max(option.memory) / 2 ** 30  # its own memory as the cap: faster than every family that fits it
-    assert planner.search(conf, spec, 2, 8, costs, cap_gib)[1].step_s == option.step_s
-    assert all(option.step_s < o.step_s for _, o in families if max(o.memory) <= max(option.memory))
+    weighed = planner.weigh(conf, spec, 2, 8, costs)
+    families = {(p.schedule, p.virtual_stages): o.step_s for p, o in weighed if not p.origin}
+    greedy_best = min(o.step_s for p, o in weighed if p.origin.startswith("greedy"))
+    assert option.step_s <= min(families.values())
+    assert greedy_best == pytest.approx(min(families.values()))
+    assert all(greedy_best < families[key] for key in (("zb_v", 2), ("zb_h1", 1), ("zb_h2", 1), ("1f1b", 1)))
+    result = simulate(plan.train_schedule, plan.placement, 8, costs(list(plan.stage_layers), 32))
+    assert max(result.busy.values()) / result.makespan > 0.98
 
 
 @pytest.mark.parametrize("p", [2, 3])

@@ -211,7 +211,7 @@ def test_nccl_needs_messages_received_in_the_order_they_are_sent() -> None:
     validate(lowered, looped(2), 2)
     for name, entry in SCHEDULES.items():
         for p, m, v in ((2, 3, 1), (3, 8, 1), (4, 4, 2), (4, 8, 2)):
-            if (v == 1 or entry.virtual) and name != "dualpipe_v":  # not from p = 3: tests/test_dualpipe_v.py
+            if v == 1 or entry.virtual or entry.fixed_stages:
                 actions, placement = build_schedule(name, p, m, v)
                 check_in_order(fuse_backward(lower(actions, placement)), placement)
 

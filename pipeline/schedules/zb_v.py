@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pipeline.schedules.actions import Action, Schedule
-from pipeline.schedules.builders import _check_numbers
+from pipeline.schedules.builders import check_numbers
 from pipeline.schedules.placement import Placement, v_shape
 
 # Which ready kind a rank runs first; the builder keeps the order that finishes sooner (the first on a tie).
@@ -30,7 +30,7 @@ _PREFERENCES = ("FBW", "BFW")
 # in 44 cases, a unit longer at p = 7, m = 10). Every rank holds 2 min(p, m) pairs at its peak.
 def zb_v(num_ranks: int, num_microbatches: int, virtual_stages: int = 2) -> Schedule:
     """Zero Bubble ZB-V on the V placement; virtual_stages must be 2 (the registry passes it)."""
-    _check_numbers("zb_v", num_ranks, num_microbatches, 1)
+    check_numbers("zb_v", num_ranks, num_microbatches, 1)
     if virtual_stages != 2:
         raise ValueError(f"zb_v: runs exactly 2 stages per rank (a V), so virtual_stages must be 2, "
                          f"got {virtual_stages!r}")
