@@ -39,6 +39,8 @@ BUILTIN = {  # our schedule -> the torch.distributed.pipelining class it is comp
     # With one stage per rank ScheduleInterleavedZeroBubble runs exactly ZB-H1's order (same warm-up,
     # B/W split, W lagging `rank` micro-batches behind B); README.md shows the two orders side by side.
     "zb_h1": "ScheduleInterleavedZeroBubble",
+    "zb_v": "ScheduleZBVZeroBubble",  # both on the V: rank r holds stages r and 2p - 1 - r
+    "dualpipe_v": "ScheduleDualPipeV",
 }
 SINGLE_STAGE = {"ScheduleGPipe", "Schedule1F1B"}  # built-in classes that take one stage, not a list
 COMPARED = [name for name in SCHEDULES if name in BUILTIN]  # the registry's schedules the built-in has
@@ -61,7 +63,9 @@ P = 2  # pipeline ranks = worker processes
 
 def stages_per_rank(schedule: str) -> int:
     """v = 2 where both tools run several stages per rank (our schedule has virtual stages and the
-    built-in class takes a list of them), else 1: gpipe and zb_h1 are compared at v = 1."""
+    built-in class takes a list of them, or it always runs two: a V), else 1: gpipe and zb_h1 at v = 1."""
+    if SCHEDULES[schedule].fixed_stages:
+        return SCHEDULES[schedule].fixed_stages
     return 2 if schedule in VIRTUAL and BUILTIN.get(schedule) not in SINGLE_STAGE else 1
 
 

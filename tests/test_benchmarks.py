@@ -15,7 +15,7 @@ import pytest
 pytestmark = pytest.mark.timeout(180)
 
 ROOT = Path(__file__).resolve().parents[1]
-SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b", "zb_h1")
+SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b", "zb_h1", "zb_v", "dualpipe_v")  # the ones vs_builtin compares
 
 
 def table_rows(stdout: str) -> dict[str, list[str]]:
