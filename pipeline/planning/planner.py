@@ -57,13 +57,6 @@ def _judge(conf: Config, spec: MLPSpec, plan: Plan, costs: Costs, budget: float)
                   max(memory) <= budget)
 
 
-def evaluate_option(conf: Config, spec: MLPSpec, p: int, name: str, m: int, v: int,
-                    cost_of: Callable[[list[range], int], Costs], budget: float) -> Option:
-    plan = layout(name, p, m, v, cut(conf, spec, p, v, _rule(conf)))
-    rows = microbatch.sizes(replica_batch(conf), m)[0]
-    return _judge(conf, spec, plan, cost_of(list(plan.stage_layers), rows), budget)
-
-
 def _cuts(conf: Config, num_stages: int) -> bool:
     """Can pipeline.partition cut the layers into `num_stages` stages? (A list of counts names one number.)"""
     return not isinstance(conf.pipeline.partition, tuple) or len(conf.pipeline.partition) == num_stages
@@ -85,7 +78,12 @@ def search(conf: Config, spec: MLPSpec, p: int, m: int, cost_of: Callable[[list[
     the costs (looped and V placements, every stash limit) and every schedule of the registry; ConfigError
     when none fits the budget."""
     budget = math.inf if budget_gib is None else budget_gib * GIB
-    judged = weigh(conf, spec, p, m, cost_of, budget, eval_rows)
+    return _chosen(conf, p, m, weigh(conf, spec, p, m, cost_of, budget, eval_rows), budget_gib)
+
+
+def _chosen(conf: Config, p: int, m: int, judged: list[tuple[Plan, Option]],
+            budget_gib: float | None) -> tuple[Plan, Option]:
+    """The fastest of the weighed plans that fits, named search (ConfigError when none fits)."""
     if not judged:
         raise ConfigError(f"pipeline.partition={list(conf.pipeline.partition)} cuts {len(conf.pipeline.partition)} "
                           f"stages, which no schedule the search weighs runs on {p} ranks; use pipeline.partition=uniform")
@@ -122,17 +120,12 @@ def options(conf: Config, spec: MLPSpec, p: int, cost_of: Callable[[list[range],
     """Every feasible schedule x m x v, fastest predicted first."""
     budget = math.inf if budget_gib is None else budget_gib * GIB
     found = []
-    for name, entry in SCHEDULES.items():
-        for m in (m for m in MICROBATCH_CHOICES if m <= replica_batch(conf)):
-            choices = (entry.fixed_stages,) if entry.fixed_stages else VIRTUAL_CHOICES
-            for v in (v for v in choices if (v == 1 or entry.virtual or entry.fixed_stages) and p * v <= spec.num_layers):
-                if isinstance(conf.pipeline.partition, tuple) and len(conf.pipeline.partition) != p * v:
-                    continue
-                found.append(evaluate_option(conf, spec, p, name, m, v, cost_of, budget))
     for m in (m for m in MICROBATCH_CHOICES if m <= replica_batch(conf)):
+        judged = weigh(conf, spec, p, m, cost_of, budget)  # every family and the search's own, simulated once
+        found += [option for plan, option in judged if not plan.origin]
         try:
-            found.append(search(conf, spec, p, m, cost_of, budget_gib)[1])
-        except ConfigError:  # nothing the search builds fits the budget at this m
+            found.append(_chosen(conf, p, m, judged, budget_gib)[1])
+        except ConfigError:  # nothing the search weighs fits the budget at this m
             pass
     return sorted(found, key=lambda o: (not o.fits, o.step_s, max(o.memory)))
 
