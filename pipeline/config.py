@@ -27,8 +27,10 @@ DEFAULTS_FOR_ERRORS = {"optim.lr": 0.1, "loss.l2": 1e-4, "dist.timeout_s": 60, "
 DATASETS = ("digits", "synthetic", "npz")
 PARTITIONS = ("uniform", "params", "time")
 # pipeline.transport: the names a user types; runtime.distributed.connect maps each to its transport (one place)
-P2P, IN_PROCESS = "p2p", "inprocess"
-TRANSPORTS = {P2P: "one rank per process (torchrun), torch.distributed point-to-point messages",
+P2P, IN_PROCESS, SHM = "p2p", "inprocess", "shm"
+TRANSPORTS = {AUTO: "one rank per process (torchrun): shm between the ranks of a host, p2p between hosts and on GPUs",
+              SHM: "one rank per process (torchrun), messages through shared memory (Linux x86-64, CPU, one host)",
+              P2P: "one rank per process (torchrun), torch.distributed point-to-point messages (gloo, NCCL)",
               IN_PROCESS: "every rank in this one process, messages through in-memory mailboxes"}
 # The keys each data set and optimizer reads: anything else (a typo, a `+key` Hydra let through) is refused
 DATA_KEYS = {"digits": ("name", "shuffle", "standardize", "test_fraction", "split_seed"),
@@ -79,7 +81,7 @@ class PipelineConfig:
     virtual_stages: int
     partition: str | tuple[int, ...]
     memory_gib: float | None = None  # per-rank budget the planner (schedule=auto) must respect
-    transport: str = P2P  # p2p: one rank per process (torchrun); inprocess: every rank in this process
+    transport: str = AUTO  # auto, shm, p2p: one rank per process (torchrun); inprocess: every rank in this process
     ranks: int | None = None  # p; with p2p it must equal the world size
     recompute: bool = False  # keep only each stage's input per micro-batch; recompute the rest in its backward
     schedule_file: str | None = None  # with schedule=file: torch's compute-only CSV (.csv) or our action lines
@@ -334,7 +336,7 @@ def _pipeline(raw: Mapping[str, Any]) -> PipelineConfig:
         microbatches=_int("pipeline.microbatches", raw.get("microbatches")),
         virtual_stages=_int("pipeline.virtual_stages", raw.get("virtual_stages")),
         partition=_partition(raw.get("partition", "uniform")),
-        transport=_choice("pipeline.transport", raw.get("transport", P2P), TRANSPORTS),
+        transport=_choice("pipeline.transport", raw.get("transport", AUTO), TRANSPORTS),
         ranks=_optional_int("pipeline.ranks", raw.get("ranks")),
         recompute=_bool("pipeline.recompute", raw.get("recompute", False)),
     )

@@ -142,11 +142,13 @@ def test_schedules_are_pure_python():
 
 def test_only_config_and_the_chooser_spell_a_transport_name():
     """pipeline.transport's names live in config (the vocabulary) and runtime.distributed maps them to transports
-    through config's constants: no other module compares a string with a transport's name."""
-    from pipeline.config import TRANSPORTS
+    through config's constants: no other module compares a string with a transport's name ("auto", which
+    dist.device and dist.backend also take, aside)."""
+    from pipeline.config import AUTO, TRANSPORTS
 
+    names = set(TRANSPORTS) - {AUTO}
     spelled = {name for name, tree in modules().items()
-               for node in ast.walk(tree) if isinstance(node, ast.Constant) and node.value in TRANSPORTS}
+               for node in ast.walk(tree) if isinstance(node, ast.Constant) and node.value in names}
     assert spelled == {"pipeline.config"}
 
 
@@ -155,12 +157,13 @@ def test_every_transport_name_has_one_transport_and_every_transport_the_whole_in
     from pipeline.runtime import distributed
     from pipeline.runtime.inprocess import InProcessTransport
     from pipeline.runtime.p2p import P2PTransport
+    from pipeline.runtime.shm import ShmTransport
     from pipeline.runtime.transport import Transport
 
     assert set(distributed._TRANSPORTS) == set(TRANSPORTS)
     interface = {name for name in vars(Transport) if not name.startswith("_")}
     assert interface == {"send", "post", "can_recv", "recv", "flush", "pending_sends", "close"}
-    for transport in (P2PTransport, InProcessTransport):
+    for transport in (P2PTransport, InProcessTransport, ShmTransport):
         assert interface <= {name for name in vars(transport) if callable(getattr(transport, name))}, transport
 
 

@@ -60,6 +60,13 @@ def _message_bytes(spec: MLPSpec, stage_layers: list[range], rows: int) -> dict[
     return {s: rows * spec.dims[layers[-1] + 1] * element for s, layers in enumerate(stage_layers)}
 
 
+def channel_bytes(spec: MLPSpec, stage_layers: list[range], rows: int, num_microbatches: int) -> int:
+    """An upper bound on the bytes one pass of `rows` rows in `num_microbatches` sends from one rank to
+    another: every boundary's activations (or their gradients, as large), each message with a 128-byte header."""
+    per_stage = _message_bytes(spec, stage_layers, rows)
+    return sum(per_stage[s] + num_microbatches * 128 for s in range(len(stage_layers) - 1))
+
+
 def flop_costs(spec: MLPSpec, stage_layers: list[range], rows: int, flops_per_s: float = 5e10,
                overhead_s: float = 2e-5) -> Costs:
     """Costs in proportion to multiply-adds, plus a fixed overhead per layer operation."""

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import socket
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
@@ -30,12 +31,15 @@ from typing import Iterator
 import torch
 import torch.distributed as dist
 
-from pipeline.config import IN_PROCESS, P2P, DistConfig
+from pipeline.config import AUTO, IN_PROCESS, P2P, SHM, DistConfig
 from pipeline.errors import ConfigError
-from pipeline.runtime import lifecycle
+from pipeline.runtime import lifecycle, shm
 from pipeline.runtime.inprocess import Mailboxes
 from pipeline.runtime.p2p import P2PTransport
 from pipeline.runtime.transport import PeerTimeout
+
+RING_BYTES = 1 << 20  # each shared-memory channel's ring, unless connect is told a pass's message bytes
+RING_LIMITS = (64 << 10, 64 << 20)  # the smallest and largest ring: larger messages stream through in chunks
 
 
 @dataclass(frozen=True)
@@ -116,6 +120,7 @@ class Comm:
         self.replica, self.num_replicas = replica, num_replicas
         self.pipeline_group = pipeline_group  # None: the whole world is one pipeline
         self.replica_group = replica_group  # None: no other replica
+        self.links = "in this process"  # how the ranks' messages travel, in words (the run's first line)
 
     @property
     def is_root(self) -> bool:
@@ -239,12 +244,13 @@ def _groups(grid: Grid) -> tuple[dist.ProcessGroup | None, dist.ProcessGroup | N
 
 
 @contextmanager
-def connect(env: Env, num_ranks: int, transport: str, conf: DistConfig) -> Iterator[Comm]:
+def connect(env: Env, num_ranks: int, transport: str, conf: DistConfig, ring_bytes: int = RING_BYTES) -> Iterator[Comm]:
     """The Comm for this process over `transport` (a pipeline.transport name); starts (and later ends) the
-    process group when one is needed. `num_ranks` is p; under torchrun the world holds world_size / p replicas."""
+    process group when one is needed. `num_ranks` is p; under torchrun the world holds world_size / p replicas.
+    `ring_bytes`: what one shared-memory channel holds (a step's messages between two ranks fit in it)."""
     if transport not in _TRANSPORTS:
         raise ConfigError(f"pipeline.transport={transport!r} is unknown; pick one of {', '.join(_TRANSPORTS)}")
-    with _TRANSPORTS[transport](env, num_ranks, conf) as comm:
+    with _TRANSPORTS[transport](env, num_ranks, conf, ring_bytes) as comm:
         try:
             yield comm
         finally:
@@ -253,7 +259,7 @@ def connect(env: Env, num_ranks: int, transport: str, conf: DistConfig) -> Itera
 
 
 @contextmanager
-def _in_process(env: Env, num_ranks: int, conf: DistConfig) -> Iterator[Comm]:
+def _in_process(env: Env, num_ranks: int, conf: DistConfig, ring_bytes: int = 0) -> Iterator[Comm]:
     """Every rank in this process, messages through mailboxes: no process group."""
     device, _ = plan_devices(env, True, conf)
     mailboxes = Mailboxes()
@@ -262,7 +268,7 @@ def _in_process(env: Env, num_ranks: int, conf: DistConfig) -> Iterator[Comm]:
 
 
 @contextmanager
-def _point_to_point(env: Env, num_ranks: int, conf: DistConfig) -> Iterator[Comm]:
+def _point_to_point(env: Env, num_ranks: int, conf: DistConfig, ring_bytes: int = 0) -> Iterator[Comm]:
     """One rank per process over torch.distributed (a world of one needs no group: it has no peer)."""
     device, backend = plan_devices(env, False, conf)
     if backend is None:
@@ -282,6 +288,7 @@ def _point_to_point(env: Env, num_ranks: int, conf: DistConfig) -> Iterator[Comm
     endpoint = P2PTransport(r, conf.timeout_s, first_global_rank=grid.pipeline_ranks(grid.replica)[0])
     comm = Comm([r], {r: endpoint}, True, conf.timeout_s, device, grid.replica, grid.num_replicas,
                 pipeline_group, replica_group)
+    comm.links = f"every pair: p2p ({backend})"
     yield comm
     # Only after a clean run: wait for every peer, then close. After an error a peer may be gone
     # or stopped, and waiting for it would turn a clear error into a hang; exiting closes sockets.
@@ -294,5 +301,98 @@ def _point_to_point(env: Env, num_ranks: int, conf: DistConfig) -> Iterator[Comm
         dist.destroy_process_group()
 
 
+def shm_unavailable(device: torch.device) -> str | None:
+    """Why the shared-memory transport cannot carry this run's messages, or None when it can."""
+    if device.type != "cpu":
+        return f"it carries CPU tensors and this run's are on {device.type}"
+    return shm.unsupported()
+
+
+def _host() -> str:
+    """Who can map whose memory: the same kernel (boot id) and the same PID namespace (/proc/PID/fd)."""
+    with open("/proc/sys/kernel/random/boot_id") as f:
+        boot = f.read().strip()
+    return f"{socket.gethostname()}/{boot}/{os.stat('/proc/self/ns/pid').st_ino}"
+
+
+def _attach_shared_memory(comm: Comm, ring_bytes: int) -> None:
+    """Replace this process's P2P endpoint by one that reaches the pipeline ranks on its host through
+    shared memory (the rest stay P2P). Every rank of the pipeline calls it at the same point."""
+    (rank,) = comm.local_ranks
+    fallback = comm.transports[rank]
+    hosts: list = [None] * dist.get_world_size(comm.pipeline_group)
+    dist.all_gather_object(hosts, _host(), group=comm.pipeline_group)
+    local = [r for r, host in enumerate(hosts) if host == hosts[rank]]
+    peers = [r for r in local if r != rank]
+    ring_bytes = -(-min(max(ring_bytes, RING_LIMITS[0]), RING_LIMITS[1]) // 4096) * 4096
+    size = shm.segment_bytes(len(peers), ring_bytes)
+    try:
+        own, fd = shm.Segment.create(size, f"pipeline-rank{rank}")
+    except OSError as err:
+        raise ConfigError(f"pipeline.transport=shm: rank {rank} could not get {size / 2**20:.1f} MiB of shared "
+                          f"memory ({err.strerror}); free memory or use pipeline.transport=p2p") from None
+    where: list = [None] * len(hosts)
+    dist.all_gather_object(where, (os.getpid(), fd, size), group=comm.pipeline_group)
+    segments, failed = {rank: own}, None
+    for peer in peers:
+        try:
+            segments[peer] = shm.Segment.open(*where[peer])
+        except OSError as err:
+            failed = f"rank {rank} could not map rank {peer}'s shared memory ({err.strerror})"
+    failures: list = [None] * len(hosts)
+    dist.all_gather_object(failures, failed, group=comm.pipeline_group)  # every segment is mapped where it can be
+    os.close(fd)  # nothing names the memory any more: it lives as long as the mappings do
+    if any(failures):
+        raise ConfigError(f"pipeline.transport=shm: {next(f for f in failures if f)}; use pipeline.transport=p2p")
+
+    def base(receiver: int, sender: int) -> int:  # where sender's ring sits in receiver's segment
+        senders = [r for r in local if r != receiver]
+        return shm.HEADER + senders.index(sender) * (shm.CONTROL + ring_bytes)
+
+    incoming = {src: shm.Channel(own, base(rank, src), ring_bytes) for src in peers}
+    outgoing = {dst: shm.Channel(segments[dst], base(dst, rank), ring_bytes) for dst in peers}
+    pids = {r: where[r][0] for r in peers}
+    comm.transports[rank] = shm.ShmTransport(rank, comm.timeout_s, own, incoming, outgoing, segments, pids,
+                                             fallback=fallback)
+    comm.links = _describe_links(hosts, dist.get_backend())
+
+
+def _describe_links(hosts: list[str], backend: str) -> str:
+    """In words, which pairs of ranks talk through shared memory and which over P2P."""
+    groups: dict[str, list[int]] = {}
+    for r, host in enumerate(hosts):
+        groups.setdefault(host, []).append(r)
+    shared = [f"among ranks {' '.join(map(str, ranks))} (one host): shm" for ranks in groups.values() if len(ranks) > 1]
+    across = [f"between hosts: p2p ({backend})"] if len(groups) > 1 else []
+    return "; ".join(shared + across)
+
+
+@contextmanager
+def _host_local(env: Env, num_ranks: int, conf: DistConfig, ring_bytes: int, strict: bool) -> Iterator[Comm]:
+    """P2P, with the ranks that share a host talking through shared memory (strict: refuse where it cannot)."""
+    device, _ = plan_devices(env, False, conf)
+    reason = shm_unavailable(device)
+    if reason is not None and strict:
+        raise ConfigError(f"pipeline.transport=shm cannot run here: {reason}; use pipeline.transport=auto or p2p")
+    with _point_to_point(env, num_ranks, conf) as comm:
+        if comm.distributed and reason is None:
+            _attach_shared_memory(comm, ring_bytes)
+        elif comm.distributed:
+            comm.links += f" (no shm: {reason})"
+        yield comm
+
+
+@contextmanager
+def _shared_memory(env: Env, num_ranks: int, conf: DistConfig, ring_bytes: int) -> Iterator[Comm]:
+    with _host_local(env, num_ranks, conf, ring_bytes, strict=True) as comm:
+        yield comm
+
+
+@contextmanager
+def _auto(env: Env, num_ranks: int, conf: DistConfig, ring_bytes: int) -> Iterator[Comm]:
+    with _host_local(env, num_ranks, conf, ring_bytes, strict=False) as comm:
+        yield comm
+
+
 # pipeline.transport -> how this process's ranks reach each other: the one place a transport is chosen
-_TRANSPORTS = {P2P: _point_to_point, IN_PROCESS: _in_process}
+_TRANSPORTS = {AUTO: _auto, SHM: _shared_memory, P2P: _point_to_point, IN_PROCESS: _in_process}

@@ -23,6 +23,7 @@ from omegaconf import DictConfig
 from pipeline import config
 from pipeline.config import Config
 from pipeline.mlp.model import MLPSpec
+from pipeline.planning.costs import channel_bytes
 from pipeline.planning.plan import retime
 from pipeline.planning.planner import make_plan
 from pipeline.runtime.distributed import connect, plan_devices, read_env
@@ -53,7 +54,10 @@ def train(cfg: DictConfig | Config, run_dir: str | Path) -> dict[str, Any]:
     with rundir.hold(run_dir, env):  # before anything is written: another live run there is refused
         candidates = resume_candidates(conf, spec, Path(run_dir))
         torch.manual_seed(conf.train.seed)
-        with connect(env, plan.num_ranks, conf.pipeline.transport, conf.dist) as comm:
+        ring_bytes = _ring_bytes(conf, spec, plan, test_rows)
+        with connect(env, plan.num_ranks, conf.pipeline.transport, conf.dist, ring_bytes) as comm:
+            if comm.is_root and comm.distributed:
+                print(f"pipeline: messages {comm.links}", flush=True)
             if conf.pipeline.partition == "time":
                 plan = retime(plan, spec, conf, comm.mean_list)
             engine = Engine(conf, spec, plan, comm)
@@ -62,6 +66,13 @@ def train(cfg: DictConfig | Config, run_dir: str | Path) -> dict[str, Any]:
             if comm.is_root:
                 rundir.record_segment(run_dir, cfg, resumed, env.world_size)
             return _fit(conf, spec, engine, data, test_rows, Path(run_dir), resumed)
+
+
+def _ring_bytes(conf: Config, spec: MLPSpec, plan, test_rows: int) -> int:
+    """What a shared-memory channel holds: a training step's messages, or an evaluation pass's."""
+    train = channel_bytes(spec, list(plan.stage_layers), conf.train.batch_size, plan.num_microbatches)
+    evaluation = channel_bytes(spec, list(plan.stage_layers), test_rows, plan.eval_microbatches) if test_rows else 0
+    return max(train, evaluation)
 
 
 class NonFiniteLoss(Exception):
