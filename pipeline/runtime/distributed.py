@@ -20,6 +20,7 @@ all-reduce per stage and step does.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import os
 import socket
@@ -308,11 +309,26 @@ def shm_unavailable(device: torch.device) -> str | None:
     return shm.unsupported()
 
 
-def _host() -> str:
-    """Who can map whose memory: the same kernel (boot id) and the same PID namespace (/proc/PID/fd)."""
+def _host() -> list[int]:
+    """Who can map whose memory: the same kernel (boot id) and PID namespace (/proc/PID/fd), as two integers."""
     with open("/proc/sys/kernel/random/boot_id") as f:
         boot = f.read().strip()
-    return f"{socket.gethostname()}/{boot}/{os.stat('/proc/self/ns/pid').st_ino}"
+    name = f"{socket.gethostname()}/{boot}/{os.stat('/proc/self/ns/pid').st_ino}".encode()
+    digest = hashlib.sha256(name).digest()
+    return [int.from_bytes(digest[:8], "little", signed=True), int.from_bytes(digest[8:16], "little", signed=True)]
+
+
+def _gather(comm: Comm, values: list[int], what: str) -> list[list[int]]:
+    """Every pipeline rank's `values` (integers: no Python object is pickled), in pipeline-rank order."""
+    mine = torch.tensor(values, dtype=torch.int64)
+    everyone = [torch.empty_like(mine) for _ in range(dist.get_world_size(comm.pipeline_group))]
+    try:
+        dist.all_gather(everyone, mine, group=comm.pipeline_group, async_op=True).wait(
+            timedelta(seconds=comm.timeout_s))
+    except RuntimeError as err:
+        raise PeerTimeout(f"rank {dist.get_rank()}: no answer within {comm.timeout_s:g} s (dist.timeout_s) "
+                          f"at {what} ({str(err).strip().splitlines()[0][-120:]})") from None
+    return [t.tolist() for t in everyone]
 
 
 def _attach_shared_memory(comm: Comm, ring_bytes: int) -> None:
@@ -320,8 +336,7 @@ def _attach_shared_memory(comm: Comm, ring_bytes: int) -> None:
     shared memory (the rest stay P2P). Every rank of the pipeline calls it at the same point."""
     (rank,) = comm.local_ranks
     fallback = comm.transports[rank]
-    hosts: list = [None] * dist.get_world_size(comm.pipeline_group)
-    dist.all_gather_object(hosts, _host(), group=comm.pipeline_group)
+    hosts = _gather(comm, _host(), "sharing out the hosts")
     local = [r for r, host in enumerate(hosts) if host == hosts[rank]]
     peers = [r for r in local if r != rank]
     ring_bytes = -(-min(max(ring_bytes, RING_LIMITS[0]), RING_LIMITS[1]) // 4096) * 4096
@@ -331,19 +346,19 @@ def _attach_shared_memory(comm: Comm, ring_bytes: int) -> None:
     except OSError as err:
         raise ConfigError(f"pipeline.transport=shm: rank {rank} could not get {size / 2**20:.1f} MiB of shared "
                           f"memory ({err.strerror}); free memory or use pipeline.transport=p2p") from None
-    where: list = [None] * len(hosts)
-    dist.all_gather_object(where, (os.getpid(), fd, size), group=comm.pipeline_group)
-    segments, failed = {rank: own}, None
+    where = _gather(comm, [os.getpid(), fd, size], "sharing out the shared memory")
+    segments, failed = {rank: own}, []
     for peer in peers:
         try:
             segments[peer] = shm.Segment.open(*where[peer])
         except OSError as err:
-            failed = f"rank {rank} could not map rank {peer}'s shared memory ({err.strerror})"
-    failures: list = [None] * len(hosts)
-    dist.all_gather_object(failures, failed, group=comm.pipeline_group)  # every segment is mapped where it can be
+            failed = [peer, err.errno]
+    failures = _gather(comm, failed or [-1, 0], "mapping the shared memory")  # every segment mapped where it can be
     os.close(fd)  # nothing names the memory any more: it lives as long as the mappings do
-    if any(failures):
-        raise ConfigError(f"pipeline.transport=shm: {next(f for f in failures if f)}; use pipeline.transport=p2p")
+    for r, (peer, errno) in enumerate(failures):
+        if peer >= 0:
+            raise ConfigError(f"pipeline.transport=shm: rank {r} could not map rank {peer}'s shared memory "
+                              f"({os.strerror(errno)}); use pipeline.transport=p2p")
 
     def base(receiver: int, sender: int) -> int:  # where sender's ring sits in receiver's segment
         senders = [r for r in local if r != receiver]
@@ -357,11 +372,11 @@ def _attach_shared_memory(comm: Comm, ring_bytes: int) -> None:
     comm.links = _describe_links(hosts, dist.get_backend())
 
 
-def _describe_links(hosts: list[str], backend: str) -> str:
+def _describe_links(hosts: list[list[int]], backend: str) -> str:
     """In words, which pairs of ranks talk through shared memory and which over P2P."""
-    groups: dict[str, list[int]] = {}
+    groups: dict[tuple[int, ...], list[int]] = {}
     for r, host in enumerate(hosts):
-        groups.setdefault(host, []).append(r)
+        groups.setdefault(tuple(host), []).append(r)
     shared = [f"among ranks {' '.join(map(str, ranks))} (one host): shm" for ranks in groups.values() if len(ranks) > 1]
     across = [f"between hosts: p2p ({backend})"] if len(groups) > 1 else []
     return "; ".join(shared + across)
