@@ -367,8 +367,9 @@ def _attach_shared_memory(comm: Comm, ring_bytes: int) -> None:
     incoming = {src: shm.Channel(own, base(rank, src), ring_bytes) for src in peers}
     outgoing = {dst: shm.Channel(segments[dst], base(dst, rank), ring_bytes) for dst in peers}
     pids = {r: where[r][0] for r in peers}
+    spin_s = shm.SPIN_S if len(local) <= len(os.sched_getaffinity(0)) else 0.0  # never poll on a shared core
     comm.transports[rank] = shm.ShmTransport(rank, comm.timeout_s, own, incoming, outgoing, segments, pids,
-                                             fallback=fallback)
+                                             fallback=fallback, spin_s=spin_s)
     comm.links = _describe_links(hosts, dist.get_backend())
 
 

@@ -37,7 +37,7 @@ from pipeline.runtime.transport import PeerTimeout
 
 HEADER = 64  # bytes of a record's header, and the alignment of every record and chunk
 CONTROL = 128  # write_pos and read_pos, each on its own cache line
-SPIN_S = 50e-6  # a waiter polls this long before it sleeps on the futex
+SPIN_S = 50e-6  # a waiter polls this long before it sleeps on the futex (when the host has a core per rank)
 LIVENESS_S = 0.25  # a sleeping waiter checks this often that the peers it depends on still live
 STALLED_S = 1e-3  # a sender whose message does not fit looks for room at least this often
 _SYS_FUTEX = {"x86_64": 202}
@@ -224,8 +224,9 @@ class ShmTransport:
     """
 
     def __init__(self, rank: int, timeout_s: float, own: Segment, incoming: dict[int, Channel],
-                 outgoing: dict[int, Channel], segments: dict[int, Segment], pids: dict[int, int], fallback=None):
-        self.rank, self.timeout_s, self.own = rank, timeout_s, own
+                 outgoing: dict[int, Channel], segments: dict[int, Segment], pids: dict[int, int], fallback=None,
+                 spin_s: float = SPIN_S):
+        self.rank, self.timeout_s, self.own, self.spin_s = rank, timeout_s, own, spin_s
         self.incoming, self.outgoing, self.segments, self.pids = incoming, outgoing, segments, pids
         self.fallback = fallback
         self.queues: dict[int, deque[_Outgoing]] = {dst: deque() for dst in outgoing}
@@ -341,7 +342,7 @@ class ShmTransport:
                 self._push(dst)
 
     def _wait(self, done: Callable[[], bool], what: str, peers: list[int]) -> None:
-        """Make progress until done(): poll for SPIN_S, then sleep on the doorbell; bounded by dist.timeout_s."""
+        """Make progress until done(): poll for spin_s, then sleep on the doorbell; bounded by dist.timeout_s."""
         start = time.monotonic()
         deadline, next_check = start + self.timeout_s, start + LIVENESS_S
         while True:
@@ -356,7 +357,7 @@ class ShmTransport:
             if now >= deadline:
                 raise PeerTimeout(f"rank {self.rank}: no answer within {self.timeout_s:g} s (dist.timeout_s) "
                                   f"at {what} (shared memory)")
-            if now - start > SPIN_S:
+            if now - start >= self.spin_s:
                 wake = min(deadline, next_check, now + STALLED_S if any(self.queues.values()) else deadline)
                 _futex_wait(self.own.address, bell, wake - now)
 
