@@ -320,8 +320,7 @@ def _attach_shared_memory(comm: Comm, ring_bytes: int) -> None:
     shared memory (the rest stay P2P). Every rank of the pipeline calls it at the same point."""
     (rank,) = comm.local_ranks
     fallback = comm.transports[rank]
-    hosts: list = [None] * dist.get_world_size(comm.pipeline_group)
-    dist.all_gather_object(hosts, _host(), group=comm.pipeline_group)
+    hosts = _gather(comm, _host(), "which host")
     local = [r for r, host in enumerate(hosts) if host == hosts[rank]]
     peers = [r for r in local if r != rank]
     ring_bytes = -(-min(max(ring_bytes, RING_LIMITS[0]), RING_LIMITS[1]) // 4096) * 4096
@@ -331,16 +330,14 @@ def _attach_shared_memory(comm: Comm, ring_bytes: int) -> None:
     except OSError as err:
         raise ConfigError(f"pipeline.transport=shm: rank {rank} could not get {size / 2**20:.1f} MiB of shared "
                           f"memory ({err.strerror}); free memory or use pipeline.transport=p2p") from None
-    where: list = [None] * len(hosts)
-    dist.all_gather_object(where, (os.getpid(), fd, size), group=comm.pipeline_group)
+    where = _gather(comm, (os.getpid(), fd, size), "where the segments are")
     segments, failed = {rank: own}, None
     for peer in peers:
         try:
             segments[peer] = shm.Segment.open(*where[peer])
         except OSError as err:
             failed = f"rank {rank} could not map rank {peer}'s shared memory ({err.strerror})"
-    failures: list = [None] * len(hosts)
-    dist.all_gather_object(failures, failed, group=comm.pipeline_group)  # every segment is mapped where it can be
+    failures = _gather(comm, failed, "which segments are mapped")  # every segment is mapped where it can be
     os.close(fd)  # nothing names the memory any more: it lives as long as the mappings do
     if any(failures):
         raise ConfigError(f"pipeline.transport=shm: {next(f for f in failures if f)}; use pipeline.transport=p2p")
@@ -355,6 +352,22 @@ def _attach_shared_memory(comm: Comm, ring_bytes: int) -> None:
     comm.transports[rank] = shm.ShmTransport(rank, comm.timeout_s, own, incoming, outgoing, segments, pids,
                                              fallback=fallback)
     comm.links = _describe_links(hosts, dist.get_backend())
+
+
+def _gather(comm: Comm, value, what: str) -> list:
+    """Every pipeline rank's `value`; a peer that failed on its own (and left) is a PeerTimeout, as in the
+    trainer's collectives, so that this rank names that peer's failure instead of a gloo traceback."""
+    values: list = [None] * dist.get_world_size(comm.pipeline_group)
+    try:
+        dist.all_gather_object(values, value, group=comm.pipeline_group)
+    except PeerTimeout:  # a SIGTERM (Terminated) that landed in the wait
+        raise
+    except RuntimeError as err:
+        error = PeerTimeout(f"rank {dist.get_rank()}: shared-memory set-up ({what}) failed: "
+                            f"{str(err).strip().splitlines()[0][-120:]}")
+        error.report.update(rank=dist.get_rank(), waiting_on=f"shared-memory set-up ({what})")
+        raise error from None
+    return values
 
 
 def _describe_links(hosts: list[str], backend: str) -> str:
