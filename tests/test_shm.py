@@ -270,6 +270,26 @@ def test_the_receiver_sleeps_until_the_sender_rings(ranks):
     assert used < 0.5 * waited, (used, waited)  # it slept on the futex, it did not spin on a core
 
 
+def test_a_sleeping_receiver_is_woken_by_the_send_not_by_its_next_look(ranks):
+    # the receiver also wakes every LIVENESS_S to check its peer; a lost wake would show as ~LIVENESS_S / 2
+    x, sent_at, delays = torch.zeros(8, dtype=torch.float64), [], []
+
+    def sender():
+        for i in range(20):
+            time.sleep(0.03)  # long enough for the receiver to be asleep on its doorbell
+            sent_at.append(time.perf_counter())
+            ranks[1].send(x, 0, i, f"1SEND_F{i}")
+
+    thread = in_thread(sender)
+    for i in range(20):
+        receive(ranks[0], x, i)
+        delays.append(time.perf_counter() - sent_at[i])
+    joined(thread)
+    median = sorted(delays)[len(delays) // 2]
+    print(f"woken {median * 1e6:.0f} us after the send (median of 20)")
+    assert median < shm.LIVENESS_S / 4, (median, delays)
+
+
 # --- where shm cannot run -----------------------------------------------------------------------
 
 TWO_RANKS = distributed.Env(rank=0, world_size=2, local_rank=0, local_world_size=2, run_id=None)
