@@ -338,7 +338,7 @@ def _attach_shared_memory(comm: Comm, ring_bytes: int) -> None:
         except OSError as err:
             failed = f"rank {rank} could not map rank {peer}'s shared memory ({err.strerror})"
     failures = _gather(comm, failed, "which segments are mapped")  # every segment is mapped where it can be
-    os.close(fd)  # nothing names the memory any more: it lives as long as the mappings do
+    os.close(fd)  # nothing names the memory any more (each mmap holds its own duplicate, closed with it)
     if any(failures):
         raise ConfigError(f"pipeline.transport=shm: {next(f for f in failures if f)}; use pipeline.transport=p2p")
 
