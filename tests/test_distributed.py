@@ -16,17 +16,24 @@ pytestmark = pytest.mark.timeout(300)
 TOL = 1e-6
 
 
-@pytest.mark.parametrize("p", [2, 3, 4])
-def test_gloo_pipelines_equal_single_device_training(p, tmp_path):
-    cases = list(grid(ranks=(p,)))
-    procs = start(p, lambda rank: ["tests/workers/rank.py", "train", json.dumps(cases), str(tmp_path)])
+def differences_from_single_device(p: int, transport: str, out_dir) -> tuple[dict[str, float], str]:
+    """Every case of the grid at p, trained in one launch of p processes over `transport`: the difference of
+    each case's final weights from single-device training, and rank 0's output."""
+    cases = [{**case, "transport": transport} for case in grid(ranks=(p,))]
+    procs = start(p, lambda rank: ["tests/workers/rank.py", "train", json.dumps(cases), str(out_dir)])
     results = wait(procs, timeout=240)
     assert all(code == 0 for code, _ in results), "\n".join(out for _, out in results)
     ref = reference(problem())
     worst = {}
     for i, case in enumerate(cases):
-        params = checkpoint.load_layers(tmp_path / f"case{i}")[1]
+        params = checkpoint.load_layers(out_dir / f"case{i}")[1]
         worst["{schedule} m={microbatches} v={virtual_stages}".format(**case)] = difference(params, ref)
+    return worst, results[0][1]
+
+
+@pytest.mark.parametrize("p", [2, 3, 4])
+def test_gloo_pipelines_equal_single_device_training(p, tmp_path):
+    worst, _ = differences_from_single_device(p, "p2p", tmp_path)
     assert max(worst.values()) <= TOL, worst
 
 

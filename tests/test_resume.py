@@ -310,7 +310,7 @@ def test_a_rank_killed_under_torchrun_restarts_and_ends_like_an_uninterrupted_ru
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     torchrun = subprocess.Popen(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "--max-restarts=1",
-         "tests/workers/slow_train.py", "0.05", *ELASTIC, f"hydra.run.dir={run_dir}"],
+         "tests/workers/slow_train.py", "0.05", *ELASTIC, "pipeline.transport=shm", f"hydra.run.dir={run_dir}"],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 120
@@ -326,6 +326,7 @@ def test_a_rank_killed_under_torchrun_restarts_and_ends_like_an_uninterrupted_ru
             torchrun.communicate()
     assert torchrun.returncode == 0, err[-3000:]
     assert "pipeline: resuming" in out and "resumed_from=" in out, out
+    assert out.count("pipeline: messages among ranks 0 1 (one host): shm") == 2, out  # the first run and the restart
     resumed = int(out.split("resumed_from=")[1].split()[0])
     assert 5 <= resumed < 40
     whole = tmp_path / "whole"

@@ -1,8 +1,10 @@
-"""A stopped (SIGSTOP) or killed (SIGKILL) rank under torchrun: every other rank exits within the
-timeout with one line naming itself, what it waited on and its last action; hang_report.json."""
+"""A stopped (SIGSTOP) or killed (SIGKILL) rank under torchrun, over shm and over p2p: every other rank exits
+within the timeout + 5 s with one line naming itself, what it waited on and its last action; hang_report.json;
+nothing left in /dev/shm."""
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -38,6 +40,35 @@ def alive(pid: int) -> bool:
         return False
 
 
+def dev_shm() -> set[str]:
+    return set(os.listdir("/dev/shm"))
+
+
+def held_in_dev_shm() -> set[str]:
+    """Names in /dev/shm that a live process maps or holds open (another job's, on a shared machine)."""
+    held = set()
+    for proc in Path("/proc").iterdir():
+        try:
+            paths = [line.split(maxsplit=5)[-1] for line in (proc / "maps").read_text().splitlines()]
+            paths += [readlink(fd) for fd in (proc / "fd").iterdir()]
+        except OSError:  # not a process, gone meanwhile, or not ours to read
+            continue
+        held |= {path.split()[0].split("/dev/shm/", 1)[1] for path in paths if path.startswith("/dev/shm/")}
+    return held
+
+
+def readlink(path: Path) -> str:
+    try:
+        return os.readlink(path)
+    except OSError:  # closed meanwhile
+        return ""
+
+
+def left_in_dev_shm(before: set[str]) -> list[str]:
+    """What appeared in /dev/shm since `before` and nobody holds: what a finished run left behind."""
+    return sorted(dev_shm() - before - held_in_dev_shm())
+
+
 def wait_for(predicate, timeout: float) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -47,13 +78,19 @@ def wait_for(predicate, timeout: float) -> bool:
     return False
 
 
-@pytest.mark.parametrize("nproc,sig", [(2, signal.SIGSTOP), (3, signal.SIGSTOP), (2, signal.SIGKILL),
-                                       (3, signal.SIGKILL)], ids=["p2-stop", "p3-stop", "p2-kill", "p3-kill"])
-def test_a_lost_peer_makes_the_others_exit_with_a_clear_message(nproc, sig, tmp_path):
+# both transports at p = 2; at p = 3 (a middle rank lost: two survivors, one on each side) shm, the default's choice
+CASES = [(2, signal.SIGSTOP, "shm"), (2, signal.SIGSTOP, "p2p"), (2, signal.SIGKILL, "shm"), (2, signal.SIGKILL, "p2p"),
+         (3, signal.SIGSTOP, "shm"), (3, signal.SIGKILL, "shm")]
+
+
+@pytest.mark.parametrize("nproc,sig,transport", CASES,
+                         ids=[f"p{p}-{'stop' if s == signal.SIGSTOP else 'kill'}-{t}" for p, s, t in CASES])
+def test_a_lost_peer_makes_the_others_exit_with_a_clear_message(nproc, sig, transport, tmp_path):
     run_dir = tmp_path / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "-m",
            "pipeline.train", "train.steps=1000000", "train.log_every=20", "train.eval_every=1000000",
-           f"dist.timeout_s={TIMEOUT_S}", f"hydra.run.dir={run_dir}"]
+           f"dist.timeout_s={TIMEOUT_S}", f"pipeline.transport={transport}", f"hydra.run.dir={run_dir}"]
+    before = dev_shm()
     launcher = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         assert wait_for(lambda: (run_dir / "metrics.jsonl").exists() and (run_dir / "metrics.jsonl").stat().st_size,
@@ -69,10 +106,14 @@ def test_a_lost_peer_makes_the_others_exit_with_a_clear_message(nproc, sig, tmp_
     finally:
         for pid in workers(run_dir).values():
             os.kill(pid, signal.SIGKILL)
-        _, stderr = launcher.communicate(timeout=60)
-    assert took < TIMEOUT_S + 20
-    print(f"p={nproc} {signal.Signals(sig).name}: the other ranks exited {took:.1f} s after rank 1 was lost")
+        stdout, stderr = launcher.communicate(timeout=60)
+    print(f"p={nproc} {signal.Signals(sig).name} {transport}: the other ranks exited {took:.1f} s after rank 1 "
+          "was lost")
+    assert took < TIMEOUT_S + 5
+    links = {"shm": f"among ranks {' '.join(map(str, range(nproc)))} (one host): shm", "p2p": "every pair: p2p (gloo)"}
+    assert stdout.splitlines()[0] == f"pipeline: messages {links[transport]}", stdout[:500]
     errors = [line for line in stderr.splitlines() if line.startswith("error: rank ")]
+    print("\n".join(errors))
     survivors = sorted(set(range(nproc)) - {victim})
     assert sorted(int(line.split()[2].rstrip(":")) for line in errors) == survivors, stderr[-4000:]
     report = json.loads((run_dir / "hang_report.json").read_text())["ranks"]
@@ -83,3 +124,11 @@ def test_a_lost_peer_makes_the_others_exit_with_a_clear_message(nproc, sig, tmp_
         assert "recent_actions" in entry or entry["waiting_on"] in ("all_reduce", "init_process_group")
     if sig == signal.SIGSTOP:  # nobody tells them: their own timeout does, naming what they waited on
         assert all("no answer within 4 s (dist.timeout_s) at " in line for line in errors), errors
+    else:  # a survivor waiting on rank 1 names it (gloo: the reset; shm: its pid), else torchrun's SIGTERM says it
+        assert all(re.fullmatch(KILLED, line) for line in errors), errors
+    assert left_in_dev_shm(before) == []  # nothing of a stopped or killed run (shm's memory is memfds)
+
+
+KILLED = (r"error: rank \d: (no answer within 4 s \(dist.timeout_s\) at .*|rank 1 \(pid \d+\) is gone at .*"
+          r"|terminated by the launcher \(SIGTERM\); no rank reported a failure, so the launcher itself was stopped "
+          r"\(or a rank was killed without a word\))")

@@ -319,15 +319,21 @@ def _host() -> list[int]:
 
 
 def _gather(comm: Comm, values: list[int], what: str) -> list[list[int]]:
-    """Every pipeline rank's `values` (integers: no Python object is pickled), in pipeline-rank order."""
+    """Every pipeline rank's `values` (integers: no Python object is pickled), in pipeline-rank order. A peer
+    that failed on its own (and left) is a PeerTimeout, as in the trainer's collectives, so that this rank
+    names that peer's failure instead of printing a gloo traceback."""
     mine = torch.tensor(values, dtype=torch.int64)
     everyone = [torch.empty_like(mine) for _ in range(dist.get_world_size(comm.pipeline_group))]
     try:
         dist.all_gather(everyone, mine, group=comm.pipeline_group, async_op=True).wait(
             timedelta(seconds=comm.timeout_s))
+    except PeerTimeout:  # a SIGTERM (Terminated) that landed in the wait
+        raise
     except RuntimeError as err:
-        raise PeerTimeout(f"rank {dist.get_rank()}: no answer within {comm.timeout_s:g} s (dist.timeout_s) "
-                          f"at {what} ({str(err).strip().splitlines()[0][-120:]})") from None
+        error = PeerTimeout(f"rank {dist.get_rank()}: shared-memory set-up ({what}) failed: "
+                            f"{str(err).strip().splitlines()[0][-120:]}")
+        error.report.update(rank=dist.get_rank(), waiting_on=f"shared-memory set-up ({what})")
+        raise error from None
     return [t.tolist() for t in everyone]
 
 
@@ -354,7 +360,7 @@ def _attach_shared_memory(comm: Comm, ring_bytes: int) -> None:
         except OSError as err:
             failed = [peer, err.errno]
     failures = _gather(comm, failed or [-1, 0], "mapping the shared memory")  # every segment mapped where it can be
-    os.close(fd)  # nothing names the memory any more: it lives as long as the mappings do
+    os.close(fd)  # nothing names the memory any more (each mmap holds its own duplicate, closed with it)
     for r, (peer, errno) in enumerate(failures):
         if peer >= 0:
             raise ConfigError(f"pipeline.transport=shm: rank {r} could not map rank {peer}'s shared memory "

@@ -38,7 +38,9 @@ from pipeline.runtime.transport import PeerTimeout
 HEADER = 64  # bytes of a record's header, and the alignment of every record and chunk
 CONTROL = 128  # write_pos and read_pos, each on its own cache line
 SPIN_S = 50e-6  # a waiter polls this long before it sleeps on the futex (when the host has a core per rank)
-LIVENESS_S = 0.25  # a sleeping waiter checks this often that the peers it depends on still live
+# a waiter checks this often that the peers it depends on still live (after its first LIVENESS_S of waiting);
+# under torchrun's 0.1 s monitor interval, so a killed peer is named here before the launcher's SIGTERM comes
+LIVENESS_S = 0.02
 STALLED_S = 1e-3  # a sender whose message does not fit looks for room at least this often
 _SYS_FUTEX = {"x86_64": 202}
 _FUTEX_WAIT, _FUTEX_WAKE = 0, 1  # shared (not FUTEX_PRIVATE): the words live in a shared mapping
