@@ -37,8 +37,9 @@ TRANSPORTS = {AUTO: "one rank per process (torchrun): shm between the ranks of a
 DATA_KEYS = {"digits": ("name", "shuffle", "standardize", "test_fraction", "split_seed"),
              "synthetic": ("name", "shuffle", "standardize", "test_fraction", "n", "dim", "classes", "noise", "seed"),
              "npz": ("name", "shuffle", "standardize", "path", "test_path", "test_fraction", "split_seed")}
-SCHEDULE_KEYS = ("clip_norm", "schedule", "warmup_steps", "min_lr")  # every optimizer reads these
-OPTIM_KEYS = {"sgd": ("name", "lr", "momentum", *SCHEDULE_KEYS), "adam": ("name", "lr", "betas", "eps", *SCHEDULE_KEYS)}
+COMMON_OPTIM_KEYS = ("clip_norm", "schedule", "warmup_steps", "min_lr")  # every optimizer reads these
+OPTIM_KEYS = {"sgd": ("name", "lr", "momentum", *COMMON_OPTIM_KEYS),
+              "adam": ("name", "lr", "betas", "eps", *COMMON_OPTIM_KEYS)}
 
 
 @dataclass(frozen=True)
@@ -300,20 +301,20 @@ def _optim(raw: Mapping[str, Any]) -> OptimConfig:
     name = _choice("optim.name", raw.get("name"), OPTIMIZERS)
     _known_keys(raw, OPTIM_KEYS[name], "optim", f"optim={name}")
     lr = _float("optim.lr", raw.get("lr"), positive=True)
-    curve = _lr_curve(raw, lr)
+    common = _clip_and_lr(raw, lr)
     if name == "sgd":
         momentum = _float("optim.momentum", raw.get("momentum", 0.0))
         if momentum >= 1:  # the velocity then grows without bound: the run ends in NaN
             raise ConfigError(f"optim.momentum={momentum:g} must be in [0, 1); e.g. optim.momentum=0.9")
-        return OptimConfig(name, lr, momentum=momentum, **curve)
+        return OptimConfig(name, lr, momentum=momentum, **common)
     betas = raw.get("betas", [0.9, 0.999])
     if not (isinstance(betas, (list, tuple)) and len(betas) == 2 and all(_is_number(b) and 0 <= b < 1 for b in betas)):
         raise ConfigError(f"optim.betas={betas!r} must be two numbers in [0, 1), e.g. optim.betas=[0.9,0.999]")
     return OptimConfig(name, lr, betas=(float(betas[0]), float(betas[1])),
-                       eps=_float("optim.eps", raw.get("eps", 1e-8), positive=True), **curve)
+                       eps=_float("optim.eps", raw.get("eps", 1e-8), positive=True), **common)
 
 
-def _lr_curve(raw: Mapping[str, Any], lr: float) -> dict[str, Any]:
+def _clip_and_lr(raw: Mapping[str, Any], lr: float) -> dict[str, Any]:
     """optim.clip_norm, optim.schedule, optim.warmup_steps and optim.min_lr (warmup_steps < train.steps: see parse)."""
     clip_norm = raw.get("clip_norm")
     if clip_norm is not None and not (_is_number(clip_norm) and 0 < clip_norm < float("inf")):
