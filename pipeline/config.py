@@ -23,6 +23,7 @@ AUTO = "auto"  # pipeline.schedule=auto: the planner picks schedule, micro-batch
 SEARCH = "search"  # pipeline.schedule=search: a schedule built from the costs (schedules.search), not picked
 FILE = "file"  # pipeline.schedule=file: the schedule written in pipeline.schedule_file (schedules.files)
 OPTIMIZERS = ("sgd", "adam")
+LR_SCHEDULES = ("constant", "cosine", "linear")  # optim.schedule: the curves of training.lr, after the warm-up
 DEFAULTS_FOR_ERRORS = {"optim.lr": 0.1, "loss.l2": 1e-4, "dist.timeout_s": 60, "optim.momentum": 0.9}
 DATASETS = ("digits", "synthetic", "npz")
 PARTITIONS = ("uniform", "params", "time")
@@ -36,7 +37,9 @@ TRANSPORTS = {AUTO: "one rank per process (torchrun): shm between the ranks of a
 DATA_KEYS = {"digits": ("name", "shuffle", "standardize", "test_fraction", "split_seed"),
              "synthetic": ("name", "shuffle", "standardize", "test_fraction", "n", "dim", "classes", "noise", "seed"),
              "npz": ("name", "shuffle", "standardize", "path", "test_path", "test_fraction", "split_seed")}
-OPTIM_KEYS = {"sgd": ("name", "lr", "momentum"), "adam": ("name", "lr", "betas", "eps")}
+COMMON_OPTIM_KEYS = ("clip_norm", "schedule", "warmup_steps", "min_lr")  # every optimizer reads these
+OPTIM_KEYS = {"sgd": ("name", "lr", "momentum", *COMMON_OPTIM_KEYS),
+              "adam": ("name", "lr", "betas", "eps", *COMMON_OPTIM_KEYS)}
 
 
 @dataclass(frozen=True)
@@ -72,6 +75,10 @@ class OptimConfig:
     momentum: float = 0.0  # sgd
     betas: tuple[float, float] = (0.9, 0.999)  # adam
     eps: float = 1e-8
+    clip_norm: float | None = None  # clip ||dJ/dtheta|| over every stage to this, as clip_grad_norm_ (training.clip)
+    schedule: str = "constant"  # the lr curve after the warm-up (training.lr): constant, cosine or linear
+    warmup_steps: int = 0  # W: lr * t / W for t <= W; below train.steps
+    min_lr: float = 0.0  # where cosine and linear end, at t = train.steps
 
 
 @dataclass(frozen=True)
@@ -294,16 +301,35 @@ def _optim(raw: Mapping[str, Any]) -> OptimConfig:
     name = _choice("optim.name", raw.get("name"), OPTIMIZERS)
     _known_keys(raw, OPTIM_KEYS[name], "optim", f"optim={name}")
     lr = _float("optim.lr", raw.get("lr"), positive=True)
+    common = _clip_and_lr(raw, lr)
     if name == "sgd":
         momentum = _float("optim.momentum", raw.get("momentum", 0.0))
         if momentum >= 1:  # the velocity then grows without bound: the run ends in NaN
             raise ConfigError(f"optim.momentum={momentum:g} must be in [0, 1); e.g. optim.momentum=0.9")
-        return OptimConfig(name, lr, momentum=momentum)
+        return OptimConfig(name, lr, momentum=momentum, **common)
     betas = raw.get("betas", [0.9, 0.999])
     if not (isinstance(betas, (list, tuple)) and len(betas) == 2 and all(_is_number(b) and 0 <= b < 1 for b in betas)):
         raise ConfigError(f"optim.betas={betas!r} must be two numbers in [0, 1), e.g. optim.betas=[0.9,0.999]")
     return OptimConfig(name, lr, betas=(float(betas[0]), float(betas[1])),
-                       eps=_float("optim.eps", raw.get("eps", 1e-8), positive=True))
+                       eps=_float("optim.eps", raw.get("eps", 1e-8), positive=True), **common)
+
+
+def _clip_and_lr(raw: Mapping[str, Any], lr: float) -> dict[str, Any]:
+    """optim.clip_norm, optim.schedule, optim.warmup_steps and optim.min_lr (warmup_steps < train.steps: see parse)."""
+    clip_norm = raw.get("clip_norm")
+    if clip_norm is not None and not (_is_number(clip_norm) and 0 < clip_norm < float("inf")):
+        raise ConfigError(f"optim.clip_norm={clip_norm!r} must be null (no clipping) or a finite number > 0; "
+                          "e.g. optim.clip_norm=1.0")
+    schedule = _choice("optim.schedule", raw.get("schedule", "constant"), LR_SCHEDULES)
+    min_lr = _float("optim.min_lr", raw.get("min_lr", 0.0))
+    if min_lr > lr:
+        raise ConfigError(f"optim.min_lr={min_lr:g} is above optim.lr={lr:g}; the schedule decays from optim.lr "
+                          f"down to optim.min_lr: set e.g. optim.min_lr={lr / 10:g}")
+    if min_lr and schedule == "constant":
+        raise ConfigError(f"optim.min_lr={min_lr:g} is read only with optim.schedule=cosine or linear, not constant; "
+                          "pick one of them or drop optim.min_lr")
+    return dict(clip_norm=None if clip_norm is None else float(clip_norm), schedule=schedule,
+                warmup_steps=_int("optim.warmup_steps", raw.get("warmup_steps", 0), 0), min_lr=min_lr)
 
 
 def _partition(value: Any) -> str | tuple[int, ...]:
@@ -402,6 +428,10 @@ def parse(cfg: DictConfig | Mapping[str, Any]) -> Config:
     if conf.trace.step is not None and conf.trace.step > conf.train.steps:
         raise ConfigError(f"trace.step={conf.trace.step} is after the last step ({conf.train.steps}); "
                           "pick a step in range or leave it null")
+    if conf.optim.warmup_steps >= conf.train.steps:
+        raise ConfigError(f"optim.warmup_steps={conf.optim.warmup_steps} must be below train.steps={conf.train.steps} "
+                          f"(the schedule needs a step after the warm-up); e.g. optim.warmup_steps="
+                          f"{conf.train.steps // 10}")
     if _is_int(conf.train.resume) and conf.train.resume > conf.train.steps:
         raise ConfigError(f"train.resume={conf.train.resume} is after the last step (train.steps={conf.train.steps}); "
                           "raise train.steps or resume from an earlier checkpoint")

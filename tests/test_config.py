@@ -72,7 +72,8 @@ def test_seed_preset_is_the_chapters_network():
     ("+parallel.tp=2", "parallel.tp is not a key of parallel"),
     ("+data.path=x.npz", "data.path is not a key of data=digits (its keys: name, shuffle, standardize, "
                          "test_fraction, split_seed)"),
-    ("+optim.betas=[0.9,0.99]", "optim.betas is not a key of optim=sgd (its keys: name, lr, momentum)"),
+    ("+optim.betas=[0.9,0.99]", "optim.betas is not a key of optim=sgd (its keys: name, lr, momentum, clip_norm, "
+                                "schedule, warmup_steps, min_lr)"),
 ])
 def test_bad_values_name_the_key_and_the_fix(override, message):
     with pytest.raises(ConfigError) as err:

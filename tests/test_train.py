@@ -28,7 +28,7 @@ def test_metrics_rows_and_summary(tmp_path):
     eval_rows = [r for r in logged if "test_accuracy" in r]
     assert [r["step"] for r in train_rows] == [5, 10, 12]
     assert [r["step"] for r in eval_rows] == [6, 12]
-    assert set(train_rows[0]) == {"step", "loss", "reg", "objective", "lr", "step_time_s", "samples_per_s"}
+    assert set(train_rows[0]) == {"step", "loss", "reg", "objective", "lr", "grad_norm", "step_time_s", "samples_per_s"}
     assert set(eval_rows[0]) == {"step", "test_loss", "test_accuracy"}
     for r in train_rows:
         assert r["objective"] == pytest.approx(r["loss"] + r["reg"]) and r["reg"] > 0 and r["lr"] == 0.1

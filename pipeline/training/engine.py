@@ -3,7 +3,8 @@
 Under torchrun a process runs one rank; with the in-process transport it runs all of them.
 Either way each rank steps the optimizer on its own stages' parameters only. With replicas
 (parallel.dp > 1) each trains on its share of the global batch and the stages' gradients are
-summed over the replicas (see runtime.data_parallel) before the regulariser and the update.
+summed over the replicas (see runtime.data_parallel) before the regulariser, the clipping
+(training.clip, over every stage) and the update at the step's learning rate (training.lr).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from pipeline.runtime import trace
 from pipeline.runtime.data_parallel import GradReducer
 from pipeline.runtime.distributed import Comm
 from pipeline.runtime.executor import Runtime, StepResult, execute
-from pipeline.training import checkpoint
+from pipeline.training import checkpoint, clip, lr
 
 
 def make_optimizer(conf: Config, params: list[Tensor]) -> torch.optim.Optimizer:
@@ -61,6 +62,7 @@ class Engine:
         self.peak_awaiting_b = {r: 0 for r in comm.local_ranks}
         self.peak_stash_bytes = {r: 0 for r in comm.local_ranks}
         self.input_scaling: dict | None = None  # the data's standardisation, set by the trainer; for the export
+        self.grad_norm: torch.Tensor | None = None  # with optim.clip_norm: the last update's ||dJ/dtheta||, unclipped
 
     def _stages_of(self, rank: int) -> list[Stage]:
         return [self.stages[s] for s in self.plan.stages_of(rank)]
@@ -124,9 +126,37 @@ class Engine:
             flags[s] = float(not all(bool(torch.isfinite(p).all()) for p in stage.parameters()))
         return flags
 
-    def update(self) -> None:
+    def update(self, step: int, measure: bool = False) -> list[float]:
+        """Step every optimizer at the learning rate of `step` (training.lr); with optim.clip_norm, clip the
+        gradient of J over the whole pipeline first (one all-reduce per step, see training.clip).
+        Returns the per-tensor gradient norms still to be summed over the pipeline when `measure` asks
+        for grad_norm without clipping (the trainer's check carries them), else []."""
+        o = self.conf.optim
+        lr.set_lr(self.optimizers.values(), lr.lr_at(step, o, self.conf.train.steps))
+        pending: list[float] = []
+        self.grad_norm = None
+        if o.clip_norm is not None:
+            self.grad_norm = self.total_grad_norm(self.comm.sum_list(self.grad_norm_slots()))
+            grads = [p.grad for st in self.stages.values() for p in st.parameters()]
+            clip.clip_(grads, o.clip_norm, self.grad_norm)  # g <- g * min(C / (||g|| + 1e-6), 1), ||g|| over all stages
+        elif measure:
+            pending = self.grad_norm_slots()
         for optimizer in self.optimizers.values():
             optimizer.step()
+        return pending
+
+    def grad_norm_slots(self) -> list[float]:
+        """||dJ/dtheta_k||_2 of every parameter tensor of the model that this process holds, 0 for the others."""
+        layers = [layer for stage in self.stages.values() for layer in stage.layers]
+        return clip.slot_norms(layers, self.spec.num_layers, self.spec.bias)
+
+    def total_grad_norm(self, summed: list[float]) -> torch.Tensor:
+        """||dJ/dtheta|| over the whole model from the slots summed over the pipeline (before any clipping)."""
+        return clip.total_norm(summed, self.spec.torch_dtype, self.comm.device)
+
+    def logged_grad_norm(self, summed: list[float]) -> float:
+        """A metrics row's grad_norm: the clipping's total with optim.clip_norm, else the slots the check summed."""
+        return float(self.grad_norm if self.grad_norm is not None else self.total_grad_norm(summed))
 
     def evaluate(self, x: Tensor | None, y: Tensor | None, rows: int) -> dict[str, float] | None:
         """Forward-only pipeline over the test set; test loss and accuracy where the loss lives."""

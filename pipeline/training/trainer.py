@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from omegaconf import DictConfig
@@ -98,12 +98,14 @@ class FirstBadLoss:
 
 
 def check_finite(engine: Engine, step: int, local_reg: float, first_bad: FirstBadLoss,
-                 last_saved: int | None) -> float:
+                 last_saved: int | None, extra: Sequence[float] = ()) -> tuple[float, list[float]]:
     """s summed over the ranks, in the same collective that tells every rank whether the loss (on
-    the last stage's rank), s or any stage's parameters went NaN or inf; raises NonFiniteLoss then."""
-    sums = engine.comm.sum_list([local_reg, first_bad.value(), *engine.nonfinite_stages()])
-    reg, bad_step, bad_stages = sums[0], int(sums[1]), [s for s, flag in enumerate(sums[2:]) if flag]
+    the last stage's rank), s or any stage's parameters went NaN or inf; raises NonFiniteLoss then.
+    `extra` (grad_norm's per-tensor slots) rides along: returns s and the extra values summed."""
     plan = engine.plan
+    sums = engine.comm.sum_list([local_reg, first_bad.value(), *engine.nonfinite_stages(), *extra])
+    reg, bad_step = sums[0], int(sums[1])
+    bad_stages = [s for s, flag in enumerate(sums[2:2 + plan.num_stages]) if flag]
     if bad_step:
         what = (f"step {bad_step}: the loss on stage {plan.num_stages - 1} (rank {plan.last_rank}) is NaN or inf; "
                 "lower optim.lr or check the data")
@@ -113,7 +115,7 @@ def check_finite(engine: Engine, step: int, local_reg: float, first_bad: FirstBa
         what = (f"step {step}: the parameters of stage {bad_stages[0]} are NaN or inf after the update; "
                 "lower optim.lr or check the data")
     else:
-        return reg
+        return reg, sums[2 + plan.num_stages:]
     kept = "no checkpoint was written" if last_saved is None else f"the last good checkpoint is step {last_saved}"
     raise NonFiniteLoss(f"{what}; the run stopped ({kept})")
 
@@ -152,14 +154,16 @@ def _fit(conf: Config, spec: MLPSpec, engine: Engine, data: datasets.Dataset, te
             logging, saving = step % t.log_every == 0 or last, last or (ck.every > 0 and step % ck.every == 0)
             local_reg = engine.local_regulariser() if logging or saving else 0.0  # on the weights the loss saw
             bubble = engine.measured_bubble(step) if logging and conf.trace.enabled else None
-            engine.update()
-            # log and checkpoint steps check for NaN/inf on every rank; s rides the same collective
-            reg = check_finite(engine, step, local_reg, first_bad, last_saved) if logging or saving else 0.0
+            pending = engine.update(step, measure=logging)  # lr of this step (training.lr); optim.clip_norm clips
+            # log and checkpoint steps check for NaN/inf on every rank; s and grad_norm's slots ride the same collective
+            reg, norms = check_finite(engine, step, local_reg, first_bad, last_saved, pending) \
+                if logging or saving else (0.0, [])
             step_time = time.perf_counter() - tick
             batch_loss = engine.batch_loss(loss) if logging and engine.holds_last else 0.0  # L = sum over replicas
             if logging and engine.reports:
                 row = {"step": step, "loss": batch_loss, "reg": reg, "objective": batch_loss + reg,
                        "lr": engine.optimizers[engine.plan.last_rank].param_groups[0]["lr"],
+                       "grad_norm": engine.logged_grad_norm(norms),  # ||dJ/dtheta|| over every stage, before clipping
                        "step_time_s": step_time, "samples_per_s": t.batch_size / step_time,
                        **({"bubble": bubble} if bubble else {})}
                 log.write(row)
