@@ -5,6 +5,7 @@ Each error names the key, the value and the fix, on one line (see errors.ConfigE
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Mapping, Sequence, get_type_hints
@@ -107,6 +108,7 @@ class TrainConfig:
     log_every: int
     eval_every: int
     resume: str | int = "auto"  # auto: the newest complete checkpoint, if any; never; or a checkpoint's step
+    tensorboard: bool = False  # also write the logged scalars as TensorBoard event files under RUN_DIR/tensorboard/
 
 
 @dataclass(frozen=True)
@@ -376,7 +378,17 @@ def _train(raw: Mapping[str, Any]) -> TrainConfig:
         log_every=_int("train.log_every", raw.get("log_every")),
         eval_every=_int("train.eval_every", raw.get("eval_every")),
         resume=_resume(raw.get("resume", "auto")),
+        tensorboard=_tensorboard(raw.get("tensorboard", False)),
     )
+
+
+def _tensorboard(value: Any) -> bool:
+    """train.tensorboard needs the optional tensorboard package (torch.utils.tensorboard writes through it)."""
+    wanted = _bool("train.tensorboard", value)
+    if wanted and importlib.util.find_spec("tensorboard") is None:
+        raise ConfigError("train.tensorboard=true needs the tensorboard package, which is not installed; "
+                          "pip install -e '.[tensorboard]' or set train.tensorboard=false")
+    return wanted
 
 
 def _resume(value: Any) -> str | int:

@@ -65,7 +65,7 @@ def test_seed_preset_is_the_chapters_network():
                           "pipeline), so nothing reads it; pass --config-dir DIR with DIR/experiment/small.yaml"),
     ("+extra.key=1", "extra is not a config section (the sections: model, data, optim, pipeline, train, loss,"),
     ("+train.step=5", "train.step is not a key of train (its keys: steps, batch_size, seed, log_every, eval_every, "
-                      "resume); fix the spelling or remove it"),
+                      "resume, tensorboard); fix the spelling or remove it"),
     ("+model.width=5", "model.width is not a key of model"),
     ("+pipeline.stages=2", "pipeline.stages is not a key of pipeline"),
     ("+dist.port=1", "dist.port is not a key of dist"),

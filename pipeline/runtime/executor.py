@@ -57,6 +57,7 @@ class StepResult:
     peak_awaiting_b: int = 0  # most micro-batches held at once between their F and their B
     peak_stash_bytes: int = 0  # most bytes of stashed activations held at once
     last_action: str = "none"
+    outputs: dict[int, Tensor] = field(default_factory=dict)  # forward only: the last stage's o per micro-batch
 
 
 @dataclass
@@ -94,13 +95,13 @@ class Runtime:
         """Start a step (training) or an evaluation pass (training=False keeps nothing for backward).
 
         Every micro-batch's loss is divided by `batch_size`: the global batch (all replicas), by
-        default the rows of this pass."""
+        default the rows of this pass. A forward-only pass may come without labels (prediction)."""
         self.state = _StepState(mb_sizes, batch_size or sum(mb_sizes), training)
         self.result = StepResult()
         self.step = step
         if 0 in self.stages:
             self.state.inputs.update({(0, mb): x for mb, x in enumerate(inputs)})
-        if self.num_stages - 1 in self.stages:
+        if self.num_stages - 1 in self.stages and labels is not None:
             self.state.labels.update(enumerate(labels))
 
     def end(self) -> StepResult:
@@ -171,6 +172,10 @@ class Runtime:
         r.peak_stash_bytes = max(r.peak_stash_bytes, sum(st.stash_bytes.values()))
 
     def _loss(self, s: int, mb: int, o: Tensor) -> None:
+        if not self.state.training:
+            self.result.outputs[mb] = o  # forward only: o is what prediction returns
+            if mb not in self.state.labels:
+                return  # no labels (prediction): no loss
         y = self.state.labels.pop(mb)
         share, d_o = objective.loss_and_grad(self.loss_name, o, y, self.state.batch_size)
         self.result.loss = share if self.result.loss is None else self.result.loss + share

@@ -87,7 +87,7 @@ class Engine:
         losses are divided by `batch_size` (default `rows`)."""
         sizes = microbatch.sizes(rows, num_mbs)
         x_mbs = microbatch.split(x, num_mbs) if self.holds_first else None
-        y_mbs = microbatch.split(y, num_mbs) if self.holds_last else None
+        y_mbs = microbatch.split(y, num_mbs) if self.holds_last and y is not None else None
         for runtime in self.runtimes.values():
             runtime.begin(sizes, x_mbs, y_mbs, training, step, batch_size)
         execute(self.runtimes, schedule)

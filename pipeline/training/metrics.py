@@ -11,6 +11,7 @@ from typing import Any
 from tqdm import tqdm
 
 from pipeline.errors import UserError
+from pipeline.training.tensorboard import EventLog
 
 TRAIN_KEYS = ("step", "loss")
 EVAL_KEYS = ("step", "test_accuracy")
@@ -20,19 +21,23 @@ class MetricsLog:
     """Appends one JSON object per line; only the rank that holds the loss writes one.
 
     A fresh run starts an empty file; a resumed one (`keep_until` = the checkpoint's step) keeps the
-    rows up to that step and appends after them.
+    rows up to that step and appends after them. With `tensorboard` (train.tensorboard) every row
+    also goes to RUN_DIR/tensorboard/ (see training.tensorboard).
     """
 
-    def __init__(self, path: str | Path, enabled: bool, keep_until: int | None = None):
+    def __init__(self, path: str | Path, enabled: bool, keep_until: int | None = None, tensorboard: bool = False):
         self.path = Path(path)
         self.enabled = enabled
+        self.events: EventLog | None = None
         if enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._start(keep_until)
+            kept = self._start(keep_until)
+            self.events = EventLog(self.path.parent, kept) if tensorboard else None
 
-    def _start(self, keep_until: int | None) -> None:
-        """Rows after the resumed step were logged by a run that died before its next checkpoint: they go."""
-        kept = []
+    def _start(self, keep_until: int | None) -> list[dict[str, Any]]:
+        """Rows after the resumed step were logged by a run that died before its next checkpoint: they go.
+        Returns the rows kept."""
+        kept, rows = [], []
         if keep_until is not None and self.path.is_file():
             for line in self.path.read_text().splitlines():
                 try:
@@ -41,9 +46,11 @@ class MetricsLog:
                     continue  # a line cut short when the process was killed
                 if isinstance(row, dict) and row.get("step", 0) <= keep_until:
                     kept.append(line + "\n")
+                    rows.append(row)
         tmp = self.path.with_name(self.path.name + ".tmp")
         tmp.write_text("".join(kept))
         tmp.replace(self.path)
+        return rows
 
     def write(self, row: dict[str, Any]) -> None:
         if self.enabled:
@@ -52,6 +59,13 @@ class MetricsLog:
                     f.write(json.dumps(row) + "\n")
             except OSError as err:  # a failed write names no file: say which (see errors.disk_error)
                 raise OSError(err.errno, err.strerror, str(self.path)) from None
+            if self.events is not None:
+                self.events.write(row)
+
+    def close(self) -> None:
+        """Close the TensorBoard file (metrics.jsonl is closed after every row)."""
+        if self.events is not None:
+            self.events.close()
 
 
 def progress_bar(total: int, enabled: bool, initial: int = 0) -> tqdm:

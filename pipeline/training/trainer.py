@@ -131,7 +131,8 @@ def _fit(conf: Config, spec: MLPSpec, engine: Engine, data: datasets.Dataset, te
     # only the first stage reads inputs and only the last reads labels; they go to the device once
     x_train, y_train = as_tensors(data.x_train, data.y_train, spec, engine.comm.device)
     x_test, y_test = as_tensors(data.x_test, data.y_test, spec, engine.comm.device) if test_rows else (None, None)
-    log = MetricsLog(run_dir / "metrics.jsonl", enabled=engine.reports, keep_until=resumed)
+    log = MetricsLog(run_dir / "metrics.jsonl", enabled=engine.reports, keep_until=resumed,
+                     tensorboard=t.tensorboard)
     last_saved = resumed
     if ck.save_initial and resumed is None:
         engine.save(run_dir, 0)
@@ -185,6 +186,7 @@ def _fit(conf: Config, spec: MLPSpec, engine: Engine, data: datasets.Dataset, te
     traced = engine.save_trace(run_dir, conf.trace.step) if conf.trace.enabled else None
     stash = engine.stash_figures()
     log.write({"step": t.steps, **stash})
+    log.close()
 
     elapsed = time.perf_counter() - start
     plan = engine.plan
