@@ -56,7 +56,7 @@ def train(cfg: DictConfig | Config, run_dir: str | Path) -> dict[str, Any]:
         torch.manual_seed(conf.train.seed)
         ring_bytes = _ring_bytes(conf, spec, plan, test_rows)
         with connect(env, plan.num_ranks, conf.pipeline.transport, conf.dist, ring_bytes) as comm:
-            if comm.is_root and comm.distributed:
+            if comm.is_root and comm.distributed and plan.num_ranks > 1:  # the run's first line
                 print(f"pipeline: messages {comm.links}", flush=True)
             if conf.pipeline.partition == "time":
                 plan = retime(plan, spec, conf, comm.mean_list)
