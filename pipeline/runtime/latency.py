@@ -43,7 +43,7 @@ from typing import NamedTuple, Sequence
 import torch
 import torch.distributed as dist
 
-from pipeline.config import AUTO, IN_PROCESS, P2P, SHM, DistConfig
+from pipeline.config import AUTO, IN_PROCESS, P2P, SHM, TRANSPORTS, DistConfig
 from pipeline.errors import ConfigError
 from pipeline.runtime.distributed import Env, connect, shm_unavailable
 
@@ -75,17 +75,17 @@ class Measured(NamedTuple):
 class TransportCosts(NamedTuple):
     """What the simulator charges a message over a transport, and a logged step's all-reduce."""
 
-    latency_s: float  # from the end of the send to the end of the receive waiting for it, less that receive
-    send_s: float
-    recv_s: float
-    allreduce_s: float
+    latency_s: float  # the busy sender's mean from its send's start to the receive's end, less send_s and recv_s
+    send_s: float  # the sender's time in its send
+    recv_s: float  # the receiver's time in a receive whose message is there
+    allreduce_s: float  # Comm.sum_list of a logged step (gloo on every transport)
 
 
 def resolve(transport: str, device: torch.device = torch.device("cpu")) -> str:
     """The transport a run named `transport` uses between two ranks of this host: `auto` is shm where
     this machine can run it on `device`, else p2p; a name that is no pipeline.transport is a ConfigError."""
-    if transport not in (AUTO, SHM, P2P, IN_PROCESS):
-        raise ConfigError(f"transport {transport!r} is unknown; pick one of {AUTO}, {SHM}, {P2P}, {IN_PROCESS}")
+    if transport not in TRANSPORTS:
+        raise ConfigError(f"transport {transport!r} is unknown; pick one of {', '.join(TRANSPORTS)}")
     if transport == AUTO:
         return SHM if shm_unavailable(device) is None else P2P
     return transport
