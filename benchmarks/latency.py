@@ -1,112 +1,95 @@
-"""How long one message takes between two processes: gloo isend/irecv against a bare TCP socket.
+"""How long one message takes between two processes: gloo, a bare TCP socket and shared memory.
 
-    python benchmarks/latency.py [--sizes-kib 2,16,128,1024] [--iters 1000]
+    python benchmarks/latency.py [--model default|small|balanced] [--sizes-kib 2,128] [--iters 1000]
 
-Two processes on this machine play ping-pong, one thread each, as the pipeline's ranks do: the
-one-way time is a round trip over two. First over torch.distributed (gloo on loopback, the
-transport both this project and torch.distributed.pipelining use), then over a plain TCP socket
-with TCP_NODELAY (the floor any socket transport pays on this machine). Message sizes default to
-those of the benchmarks: 2 KiB (small model, m = 8) and 128 KiB (default model, m = 8).
+Two processes on this machine, one thread each as the pipeline's ranks run, move one message over:
+  gloo    the p2p transport (pipeline.transport=p2p): torch.distributed isend/irecv on loopback
+  socket  a plain TCP socket on loopback with TCP_NODELAY: the floor any socket transport pays here
+  shm     the shared-memory transport (pipeline.transport=shm, and auto on one CPU host)
+gloo and shm go through the transport objects a run's executor calls, the receive posted ahead.
 
-A pipeline rank rarely waits for its own send: it isends and goes on computing. The third
-measurement does that: rank 0 isends and at once runs about 5 ms of matrix products while rank 1
-waits for the message; reported is the time from the isend to the end of rank 1's wait (one
-clock: both processes read CLOCK_MONOTONIC), median, mean and 90th percentile. The gloo figures
-come from pipeline.latency.measure, which `python -m pipeline.simulate --measure` uses too (it
-charges each message the busy sender's mean).
+idle: the one-way time of a ping-pong (a round trip over two, the median of --repeats blocks).
+busy: rank 0 sends and at once runs about 5 ms of matrix products, as a rank runs its next F or B
+right after a SEND, while rank 1 waits; the time from the send to the end of rank 1's receive (one
+clock: both processes read CLOCK_MONOTONIC), median and 90th percentile (and the mean, which
+`python -m pipeline.simulate --measure` charges; see pipeline/runtime/latency.py).
+
+Sizes: 2 KiB (the small model's message at m = 8) and the message of --model at p = 2, m = 8
+(the default model's: 128 KiB), unless --sizes-kib names others. The last lines check issue #15's
+targets for shm at 2 KiB: <= 20 us idle (median), <= 50 us at the 90th percentile with the sender busy.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import socket
-import statistics
 import sys
-import time
-
-import torch.multiprocessing as mp
 
 import harness
-from pipeline.runtime.latency import measure
+from harness import MODEL_OVERRIDES
+from pipeline.config import compose
+from pipeline.runtime.latency import LINKS, SHM, measure
+from pipeline.training.forecast import run_message_bytes
+
+TARGETS_US = {"idle": 20.0, "busy p90": 50.0}  # issue #15, shm at 2 KiB
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python benchmarks/latency.py", description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes-kib", default="2,16,128,1024", help="comma-separated message sizes in KiB")
-    parser.add_argument("--iters", type=int, default=1000, help="round trips per size and transport")
+    parser.add_argument("--model", choices=sorted(MODEL_OVERRIDES), default="default",
+                        help="the run whose message size is measured beside 2 KiB (p = 2, m = --microbatches)")
+    parser.add_argument("--microbatches", type=int, default=8, help="m of that run (default 8)")
+    parser.add_argument("--sizes-kib", default=None, help="comma-separated message sizes in KiB instead")
+    parser.add_argument("--links", default=",".join(LINKS), help=f"which to time (default {','.join(LINKS)})")
+    parser.add_argument("--iters", type=int, default=1000, help="round trips per block")
     parser.add_argument("--repeats", type=int, default=3, help="timed blocks per size; the median is reported")
+    parser.add_argument("--busy-trials", type=int, default=100, help="messages timed with the sender busy")
     args = parser.parse_args(argv)
     try:
-        args.sizes = [float(s) for s in args.sizes_kib.split(",")]
+        args.sizes = None if args.sizes_kib is None else [float(s) for s in args.sizes_kib.split(",")]
     except ValueError:
         parser.error(f"--sizes-kib {args.sizes_kib!r} is not a list of numbers; e.g. --sizes-kib 2,128")
-    if any(s <= 0 for s in args.sizes) or args.iters < 1 or args.repeats < 1:
+    if (args.sizes is not None and any(s <= 0 for s in args.sizes)) or args.iters < 1 or args.repeats < 1:
         parser.error("--sizes-kib must be positive, --iters and --repeats at least 1")
+    if args.busy_trials < 2 or args.microbatches < 1:
+        parser.error("--busy-trials must be at least 2, --microbatches at least 1")
+    args.links = args.links.split(",")
+    unknown = [link for link in args.links if link not in LINKS]
+    if unknown:
+        parser.error(f"--links: {unknown[0]!r} is unknown; pick from {','.join(LINKS)}")
     return args
-
-
-def _exchange(sock: socket.socket, data: bytes, echo: bool) -> None:
-    view = bytearray(len(data))
-    if not echo:
-        sock.sendall(data)
-    got = 0
-    while got < len(data):
-        got += sock.recv_into(memoryview(view)[got:])
-    if echo:
-        sock.sendall(view)
-
-
-def tcp_echo(port: int, sizes: list[float], iters: int, repeats: int) -> None:
-    with socket.create_connection(("127.0.0.1", port)) as sock:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        for kib in sizes:
-            data = bytes(round(kib * 1024))
-            for _ in range((repeats + 1) * iters):
-                _exchange(sock, data, echo=True)
-
-
-def tcp_pingpong(sizes: list[float], iters: int, repeats: int) -> dict[float, float]:
-    """{KiB: one-way seconds} over a plain TCP socket on loopback, echoed by a second process."""
-    with socket.socket() as server:
-        server.bind(("127.0.0.1", 0))
-        server.listen(1)
-        echo = mp.get_context("spawn").Process(target=tcp_echo, args=(server.getsockname()[1], sizes, iters, repeats))
-        echo.start()
-        conn, _ = server.accept()
-    result = {}
-    with conn:
-        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        for kib in sizes:
-            data = bytes(round(kib * 1024))
-            blocks = []
-            for _ in range(repeats + 1):
-                start = time.perf_counter()
-                for _ in range(iters):
-                    _exchange(conn, data, echo=False)
-                blocks.append((time.perf_counter() - start) / iters / 2)
-            result[kib] = statistics.median(blocks[1:])
-    echo.join(timeout=60)
-    return result
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    sizes = [round(kib * 1024) for kib in args.sizes] if args.sizes else \
+        list(dict.fromkeys([2048, run_message_bytes(compose(MODEL_OVERRIDES[args.model] + [
+            f"pipeline.microbatches={args.microbatches}"]), 2)]))
     try:
-        gloo = measure([round(kib * 1024) for kib in args.sizes], args.iters, args.repeats,
-                       max(20, args.iters // 10), timeout_s=600)
+        got = measure(sizes, args.links, args.iters, args.repeats, args.busy_trials, timeout_s=900)
     except RuntimeError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
-    tcp = tcp_pingpong(args.sizes, args.iters, args.repeats)
-    print(f"one-way message time, two processes on this machine ({os.cpu_count()} CPU(s)), "
-          f"median of {args.repeats} blocks of {args.iters} round trips\n")
-    print("\n".join(harness.table(
-        ["message KiB", "gloo isend/irecv µs", "TCP socket µs", "gloo / TCP", "gloo, sender computing: median µs",
-         "mean µs", "90th percentile µs"], "rrrrrrr",
-        ([f"{kib:g}", f"{g.pingpong_s * 1e6:.1f}", f"{tcp[kib] * 1e6:.1f}", f"{g.pingpong_s / tcp[kib]:.2f}",
-          f"{g.busy_s * 1e6:.1f}", f"{g.busy_mean_s * 1e6:.1f}", f"{g.busy_p90_s * 1e6:.1f}"]
-         for kib, g in zip(args.sizes, gloo)))))
+    load = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    print(f"one-way message time, two processes on this machine ({os.cpu_count()} CPU(s), load average {load}); "
+          f"idle: median of {args.repeats} blocks of {args.iters} round trips; busy: {args.busy_trials} messages, "
+          f"the sender computing\n")
+    kib = [f"{n / 1024:g} KiB" for n in sizes]
+    header = ["link"] + [f"{k} {what}" for k in kib for what in ("idle µs", "busy median µs", "busy p90 µs",
+                                                                  "busy mean µs")]
+    by = {(lat.link, lat.nbytes): lat for lat in got.latencies}
+    rows = [[link] + [f"{v * 1e6:.1f}" for n in sizes for v in
+                      (by[(link, n)].pingpong_s, by[(link, n)].busy_s, by[(link, n)].busy_p90_s,
+                       by[(link, n)].busy_mean_s)]
+            for link in args.links]
+    print("\n".join(harness.table(header, "l" + "r" * (len(header) - 1), rows)))
+    print(f"\nall-reduce of 4 floats (a logged step's NaN check, gloo on every transport): "
+          f"{got.allreduce_s * 1e6:.1f} µs median")
+    if SHM in args.links and 2048 in sizes:
+        shm = by[(SHM, 2048)]
+        for what, seconds in (("idle", shm.pingpong_s), ("busy p90", shm.busy_p90_s)):
+            verdict = "met" if seconds * 1e6 <= TARGETS_US[what] else "missed"
+            print(f"target shm 2 KiB {what} <= {TARGETS_US[what]:g} µs: {seconds * 1e6:.1f} µs, {verdict}")
     return 0
 
 

@@ -1,14 +1,17 @@
 """Does the simulator predict real step times? Predicted vs measured under torchrun at p=2, per schedule.
 
-    python benchmarks/simulator_accuracy.py [--steps 30] [--model default|small] [--schedules ...]
+    python benchmarks/simulator_accuracy.py [--steps 30] [--model default|small] [--schedules ...] [--transport shm]
 
-Two predictions per schedule, both simulated from per-stage F, B, W costs:
-  one-process profile  each stage timed alone in this process, one thread, and a message timed between two
-                       processes (python -m pipeline.simulate --measure)
+Every run and prediction uses one transport (--transport, default shm). Two predictions per
+schedule, both simulated from per-stage F, B, W costs:
+  one-process profile  each stage's actions timed through the executor in this process, one thread, and a
+                       message of the run's size timed between two processes over the transport, with the
+                       all-reduce a logged step runs (python -m pipeline.simulate --measure, its logged step)
   traced-run profile   the costs seen in a short traced torchrun run (trace.enabled=true), where both
                        ranks share the machine as they do in training, message latency included
                        (pipeline.costs.from_trace)
-and the measurement: the median step_time_s of a separate, untraced torchrun run after a warm-up.
+and the measurement: the median step_time_s of a separate, untraced torchrun run after a warm-up
+(every step logged, so each is a logged step, as the one-process profile predicts).
 Separate torchrun runs drift by 10 % or more on a shared 2-vCPU machine, so the traced-run
 prediction is also compared with the traced run's own median step (the trace costs little).
 A second table puts each rank's bubble side by side: the unit-cost theory (F = B = W = 1), the
@@ -18,6 +21,7 @@ simulation with the traced costs, and the bubble the traced run measured (median
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import tempfile
@@ -27,7 +31,7 @@ import torch
 
 import harness
 from harness import MODEL_OVERRIDES
-from pipeline.config import compose
+from pipeline.config import TRANSPORTS, compose
 from pipeline.planning.costs import from_trace
 from pipeline.runtime import trace
 from pipeline.schedules.registry import SCHEDULES
@@ -36,10 +40,11 @@ from pipeline.training.forecast import Prediction, predict
 from vs_builtin import stages_per_rank
 
 
-def overrides(model: str, schedule: str, m: int) -> list[str]:
-    """The run of one schedule, at the stages per rank vs_builtin.py compares it at."""
+def overrides(model: str, schedule: str, m: int, transport: str = "shm") -> list[str]:
+    """The run of one schedule, at the stages per rank vs_builtin.py compares it at, over `transport`."""
     return MODEL_OVERRIDES[model] + [f"pipeline.schedule={schedule}", f"pipeline.microbatches={m}",
-                                     f"pipeline.virtual_stages={stages_per_rank(schedule)}"]
+                                     f"pipeline.virtual_stages={stages_per_rank(schedule)}",
+                                     f"pipeline.transport={transport}"]
 
 
 def torchrun(args: list[str], steps: int, run_dir: str, traced: bool) -> list[dict]:
@@ -80,7 +85,8 @@ def traced_prediction(args: list[str], pred: Prediction, batch_size: int, steps:
         events = trace.load_ranks(run_dir)
     plan, spec = pred.plan, pred.spec
     rows = -(-batch_size // plan.num_microbatches)
-    costs, update = from_trace(events, spec, list(plan.stage_layers), rows, skip_steps=warmup)
+    costs, update = from_trace(events, spec, list(plan.stage_layers), rows, skip_steps=warmup,
+                               transport=pred.transport)
     result = simulate(plan.train_schedule, plan.placement, plan.num_microbatches, costs)
     return Traced(result.makespan + update, costs.latency_s, result.bubble, measured_bubbles(logged, warmup),
                   median_step(logged, warmup))
@@ -98,19 +104,24 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--schedules", default=",".join(SCHEDULES))
+    parser.add_argument("--transport", default="shm", choices=[t for t in TRANSPORTS if t != "inprocess"],
+                        help="pipeline.transport of every run and prediction (default shm)")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    print(f"model {args.model}, p=2, m={args.microbatches}, {args.steps} steps (medians after {args.warmup})\n")
+    load = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    print(f"model {args.model}, p=2, m={args.microbatches}, transport {args.transport}, {args.steps} steps "
+          f"(medians after {args.warmup}); load average {load} at the start\n")
     print("\n".join(harness.table(["schedule", "one-process profile (ms)", "traced-run profile (ms)", "measured (ms)",
                                   "error one-process", "error traced", "traced run's own step (ms)",
-                                  "error traced vs it", "traced message latency (ms)"], "lrrrrrrrr")))
-    bubbles, latency = [], None
+                                  "error traced vs it", "message latency one-process / traced (µs)"],
+                                 "lrrrrrrrr")))
+    bubbles, messages = [], None
     for name in args.schedules.split(","):
-        extra = overrides(args.model, name, args.microbatches)
+        extra = overrides(args.model, name, args.microbatches, args.transport)
         conf = compose(extra)
-        pred = predict(conf, ranks=2, measure=True, latency_s=latency)
-        latency = pred.latency_s  # every schedule here sends messages of one size: timed once
-        alone = pred.step_s
+        pred = predict(conf, ranks=2, measure=True, messages=messages)
+        messages = pred.messages  # every schedule here sends messages of one size: timed once
+        alone = pred.logged_step_s
         traced = traced_prediction(extra, pred, conf.train.batch_size, args.steps, args.warmup)
         bubbles.append((name, unit_bubble(pred.plan), traced.simulated_bubble, traced.measured_bubble))
         with tempfile.TemporaryDirectory() as run_dir:
@@ -119,7 +130,7 @@ def main() -> int:
         print(harness.row([name, f"{alone * 1e3:.1f}", f"{traced.predicted_s * 1e3:.1f}", f"{real * 1e3:.1f}",
                            f"{(alone - real) / real:+.1%}", f"{(traced.predicted_s - real) / real:+.1%}",
                            f"{own * 1e3:.1f}", f"{(traced.predicted_s - own) / own:+.1%}",
-                           f"{traced.latency_s * 1e3:.2f}"]), flush=True)
+                           f"{pred.latency_s * 1e6:.0f} / {traced.latency_s * 1e6:.0f}"]), flush=True)
     print("\nBubble per rank (r0 / r1): idle fraction of the step\n")
     print("\n".join(harness.table(
         ["schedule", "theory, unit costs", "simulated, traced costs", "measured, traced run"], "lrrr",

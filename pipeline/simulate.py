@@ -1,12 +1,14 @@
 """Predict a run before it runs: step time, each rank's bubble, peak stash, and the predicted timeline.
 
-    python -m pipeline.simulate --ranks 2 [--measure] [--latency-us US] [--png timeline.png] [OVERRIDES]
+    python -m pipeline.simulate --ranks 2 [--measure] [--transport T] [--latency-us US] [--png timeline.png] [OVERRIDES]
     python -m pipeline.simulate --from-trace RUN_DIR [--warmup 5]
 
 predicts, for the configured model and schedule, the step time, each rank's bubble and its
 peak stashed micro-batches and bytes, and draws the predicted timeline like a measured trace.
-The costs come from FLOP counts, from each stage timed here and a message timed between two
-processes (--measure), or from a traced run, whose measured step time is printed beside.
+The costs come from FLOP counts, from each stage timed here through the executor and a message
+timed between two processes over the run's transport (--measure), or from a traced run, whose
+measured step time is printed beside. The transport is the config's pipeline.transport unless
+--transport names another; auto is shm on a CPU host that can run it, else p2p.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import argparse
 
 import torch
 
-from pipeline.config import compose
+from pipeline.config import TRANSPORTS, compose
 from pipeline.errors import ConfigError, UserError, run_command
 from pipeline.planning.costs import add_arguments
 from pipeline.runtime.trace import draw_timeline
@@ -31,7 +33,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=5, help="--from-trace: the first steps left out (default 5)")
     parser.add_argument("--latency-us", type=float, default=None, help="per-message latency in us; default: "
                         "measured between two processes (--measure), from the trace (--from-trace), else 50")
-    parser.add_argument("--bandwidth-gbs", type=float, default=2.0, help="link bandwidth in GB/s (default 2)")
+    parser.add_argument("--transport", default=None, help=f"whose messages to simulate: {', '.join(TRANSPORTS)} "
+                        "(default: the config's pipeline.transport; auto is shm on a CPU host, else p2p)")
+    parser.add_argument("--bandwidth-gbs", type=float, default=None, help="link bandwidth in GB/s (default: "
+                        "infinite where the latency was measured on the run's messages, else 2)")
     parser.add_argument("--png", default="timeline_predicted.png", help="where to draw the predicted timeline")
     args = parser.parse_args(argv)
     return run_command(_predict_command, args)
@@ -45,15 +50,31 @@ def _predict_command(args) -> int:
         raise ConfigError(f"--ranks={args.ranks} must be >= 1")
     if args.latency_us is not None and args.latency_us < 0:
         raise UserError(f"--latency-us={args.latency_us:g} must be >= 0")
+    _check_link(args)
     conf = compose(args.overrides)
     torch.set_num_threads(args.threads)
     latency = None if args.latency_us is None else args.latency_us * 1e-6
-    pred = predict(conf, args.ranks, args.measure, latency, args.bandwidth_gbs * 1e9)
+    pred = predict(conf, args.ranks, args.measure, latency, _bandwidth(args), args.transport)
     _print_header(pred, conf, "measured here" if args.measure else "from FLOP counts")
     print(f"predicted step time {pred.step_s * 1e3:.2f} ms "
           f"(schedule {pred.result.makespan * 1e3:.2f} ms + optimizer step {pred.update_s * 1e3:.2f} ms)")
+    if args.measure:
+        print(f"a logged step (a metrics.jsonl row) {pred.logged_step_s * 1e3:.2f} ms: {pred.logged_s * 1e3:.2f} ms "
+              "more for s, the NaN check and their all-reduce")
     _print_ranks(pred, args.png)
     return 0
+
+
+def _check_link(args) -> None:
+    """--transport names a pipeline.transport; --bandwidth-gbs is positive."""
+    if args.transport is not None and args.transport not in TRANSPORTS:
+        raise ConfigError(f"--transport={args.transport!r} is unknown; pick one of {', '.join(TRANSPORTS)}")
+    if args.bandwidth_gbs is not None and not args.bandwidth_gbs > 0:
+        raise UserError(f"--bandwidth-gbs={args.bandwidth_gbs:g} must be > 0")
+
+
+def _bandwidth(args) -> float | None:
+    return None if args.bandwidth_gbs is None else args.bandwidth_gbs * 1e9
 
 
 def _traced_command(args) -> int:
@@ -64,11 +85,15 @@ def _traced_command(args) -> int:
     if args.overrides:
         raise UserError(f"--from-trace simulates the run as its .hydra/config.yaml says; drop the overrides "
                         f"({' '.join(args.overrides)})")
+    if args.transport is not None:
+        raise UserError("--from-trace simulates the run over the transport it ran on (its pipeline.transport); "
+                        "drop --transport, or give --latency-us US")
     if args.warmup < 0:
         raise UserError(f"--warmup={args.warmup} must be >= 0")
+    _check_link(args)
     run = load(args.from_trace)
     traced = predict_traced(run, args.warmup, None if args.latency_us is None else args.latency_us * 1e-6,
-                            args.bandwidth_gbs * 1e9)
+                            _bandwidth(args))
     _print_traced(traced, run, args.warmup)
     _print_ranks(traced.pred, args.png, traced.measured_bubble)
     return 0
@@ -92,7 +117,7 @@ def _print_header(pred, conf, costs: str) -> None:
     plan, spec = pred.plan, pred.spec
     print(f"{plan.schedule}: p={plan.num_ranks} m={plan.num_microbatches} v={plan.virtual_stages}, model "
           f"{'-'.join(map(str, spec.dims))} {spec.dtype}, batch {conf.train.batch_size}, costs {costs}, "
-          f"message latency {pred.latency_s * 1e3:.3f} ms ({pred.latency_source})")
+          f"transport {pred.transport}, message latency {pred.latency_s * 1e3:.3f} ms ({pred.latency_source})")
 
 
 def _print_ranks(pred, png: str, measured_bubble: list[float] | None = None) -> None:

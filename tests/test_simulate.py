@@ -430,8 +430,9 @@ def test_from_trace_prints_the_prediction_beside_the_measured_step_time(traced_r
     code, out, err = _simulate_cli(capsys, "--from-trace", str(traced_run), "--warmup", "2",
                                    "--png", str(tmp_path / "p.png"))
     assert code == 0, err
-    assert out[0].startswith(f"1f1b: p=2 m=4 v=1, model 8-16-16-16-3 float32, batch 16, costs from the trace of "
-                             f"{traced_run} (steps after 2), message latency ")
+    assert out[0] == (f"1f1b: p=2 m=4 v=1, model 8-16-16-16-3 float32, batch 16, costs from the trace of "
+                      f"{traced_run} (steps after 2), transport inprocess, message latency 0.000 ms (inprocess: a "
+                      "mailbox hands the tensor over)")
     rows = [json.loads(line) for line in (traced_run / "metrics.jsonl").read_text().splitlines()]
     logged = [r["step_time_s"] for r in rows if "step_time_s" in r and r["step"] > 2]  # steps 4, 6, 8
     assert len(logged) == 3
@@ -517,30 +518,60 @@ def test_from_trace_refuses_overrides_and_a_warmup_past_the_last_logged_step(tra
         f"error: {traced_run}/trace.json has no F of stage 0 after step 8")
 
 
-def test_measure_charges_the_latency_measured_between_two_processes(monkeypatch, tmp_path, capsys):
+def test_measure_charges_the_costs_measured_over_the_run_s_transport(monkeypatch, tmp_path, capsys):
     import pipeline.training.forecast
+    from pipeline.runtime.latency import TransportCosts, resolve
 
-    sizes = []  # stands in for pipeline.runtime.latency.message_latency_s (test_a_measured_message_latency_... runs it)
-    monkeypatch.setattr(pipeline.training.forecast, "message_latency_s", lambda nbytes: sizes.append(nbytes) or 1.234e-3)
+    asked = []  # stands in for pipeline.runtime.latency.transport_costs (tests/test_latency.py runs it)
+    monkeypatch.setattr(pipeline.training.forecast, "transport_costs",
+                        lambda nbytes, transport, values: asked.append((nbytes, transport, values))
+                        or TransportCosts(1.234e-3, 2e-5, 1e-5, 3e-4))
     code, out, _ = _simulate_cli(capsys, "--measure", "--png", str(tmp_path / "p.png"))
-    assert code == 0 and sizes == [16 * 128 * 4]  # 16 rows of 128 float32 cross ranks
-    assert out[0].endswith(", costs measured here, message latency 1.234 ms (measured: gloo between two "
-                           "processes, 8 KiB, sender busy)")
+    auto = resolve("auto")
+    assert code == 0 and asked == [(16 * 128 * 4, auto, 4)]  # 16 rows of 128 float32 cross ranks; 2 + 2 stages' sums
+    assert out[0].endswith(f", costs measured here, transport {auto}, message latency 1.234 ms (measured: {auto} "
+                           "between two processes, 8 KiB, sender busy; send 20 us, receive 10 us)")
+    step, logged = float(out[1].split()[3]), float(out[2].split()[6])
+    assert out[2].startswith("a logged step (a metrics.jsonl row) ") and logged > step
+    code, out, _ = _simulate_cli(capsys, "--measure", "--png", str(tmp_path / "p.png"), "pipeline.transport=p2p")
+    assert code == 0 and asked[-1][1] == "p2p" and ", transport p2p, " in out[0]  # the config names it
+    code, out, _ = _simulate_cli(capsys, "--measure", "--transport", "shm", "--png", str(tmp_path / "p.png"),
+                                 "pipeline.transport=p2p")
+    assert code == 0 and asked[-1][1] == "shm"  # --transport wins over the config
     code, out, _ = _simulate_cli(capsys, "--measure", "--latency-us", "500", "--png", str(tmp_path / "p.png"))
-    assert code == 0 and sizes == [8192]  # --latency-us: nothing measured
-    assert out[0].endswith("message latency 0.500 ms (given)")
+    assert code == 0 and len(asked) == 3 and out[0].endswith("message latency 0.500 ms (given)")  # nothing timed
+    code, out, _ = _simulate_cli(capsys, "--measure", "--transport", "inprocess", "--png", str(tmp_path / "p.png"))
+    assert code == 0 and len(asked) == 3  # nothing to time: a mailbox hands the tensor over
+    assert out[0].endswith("transport inprocess, message latency 0.000 ms (inprocess: a mailbox hands the tensor over)")
 
 
-def test_a_measured_message_latency_is_positive_and_finite():
-    import math
+@pytest.mark.parametrize("transport, latency_ms", [("shm", "0.011"), ("p2p", "0.050"), ("inprocess", "0.000")])
+def test_flop_counts_charge_the_latency_assumed_for_the_transport(transport, latency_ms, tmp_path, capsys):
+    code, out, _ = _simulate_cli(capsys, "--transport", transport, "--png", str(tmp_path / "p.png"))
+    assert code == 0 and f", costs from FLOP counts, transport {transport}, message latency {latency_ms} ms (" in out[0]
 
-    from pipeline.runtime.latency import measure
 
-    (small,) = measure([8192], iters=5, repeats=1, busy_trials=3, timeout_s=50)
-    assert small.nbytes == 8192
-    for seconds in (small.pingpong_s, small.busy_s, small.busy_mean_s, small.busy_p90_s):
-        assert math.isfinite(seconds) and 0 < seconds < 10
-    assert small.busy_s <= small.busy_p90_s
+def test_a_faster_transport_predicts_a_shorter_step(tmp_path, capsys):
+    steps = {}
+    for transport in ("p2p", "shm", "inprocess"):
+        code, out, _ = _simulate_cli(capsys, "--transport", transport, "--png", str(tmp_path / "p.png"))
+        steps[transport] = float(out[1].split()[3])
+    assert steps["p2p"] > steps["shm"] > steps["inprocess"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--transport", "gloo"], "error: --transport='gloo' is unknown; pick one of auto, shm, p2p, inprocess"),
+    (["--transport", ""], "error: --transport='' is unknown; pick one of auto, shm, p2p, inprocess"),
+    (["--bandwidth-gbs", "0"], "error: --bandwidth-gbs=0 must be > 0"),
+])
+def test_bad_transport_or_bandwidth_is_one_line_and_exit_2(argv, message, capsys):
+    assert _one_error_line(capsys, *argv) == message
+
+
+def test_from_trace_takes_the_transport_of_the_run(traced_run, capsys):
+    assert _one_error_line(capsys, "--from-trace", str(traced_run), "--transport", "shm") == (
+        "error: --from-trace simulates the run over the transport it ran on (its pipeline.transport); drop "
+        "--transport, or give --latency-us US")
 
 
 def test_the_trace_latency_is_the_mean_over_receives_that_waited():
@@ -554,11 +585,81 @@ def test_the_trace_latency_is_the_mean_over_receives_that_waited():
     assert message_latency(events) == pytest.approx(700e-9)  # the median would say 500
 
 
-def test_step_gaps_are_per_step_and_per_rank():
-    from pipeline.planning.costs import step_gaps
+def test_between_steps_is_the_gap_on_the_rank_that_ends_each_step():
+    from pipeline.planning.costs import between_steps
     from pipeline.runtime.executor import TraceEvent
 
     events = {0: [TraceEvent(1, "0F0", 0, 10), TraceEvent(2, "0F0", 30, 40), TraceEvent(3, "0F0", 45, 50)],
-              1: [TraceEvent(2, "1F0", 10, 20), TraceEvent(3, "1F0", 120, 130)]}
-    assert step_gaps(events, skip_steps=0) == {1: [20e-9], 2: [5e-9, 100e-9]}
-    assert step_gaps(events, skip_steps=1) == {2: [5e-9, 100e-9]}
+              1: [TraceEvent(1, "1F0", 5, 25), TraceEvent(2, "1F0", 20, 60), TraceEvent(3, "1F0", 120, 130)]}
+    # step 1 ends on rank 1 (at 25), which starts step 2 at 20 (it overlaps); step 2 ends on rank 1 at 60
+    assert between_steps(events, skip_steps=0) == {1: -5e-9, 2: 60e-9}
+    assert between_steps(events, skip_steps=1) == {2: 60e-9}
+
+
+def _message_events(wait_ns: int) -> dict:
+    """One step (2) of rank 0 sending 0F0's output to rank 1; rank 1 reaches its receive `wait_ns` before the send."""
+    from pipeline.runtime.executor import TraceEvent
+
+    return {0: [TraceEvent(2, "0F0", 0, 1_000), TraceEvent(2, "0SEND_F0", 1_002, 1_012)],
+            1: [TraceEvent(2, "1RECV_F0", 1_002 - wait_ns, 1_200), TraceEvent(2, "1F0", 1_204, 2_000)]}
+
+
+@pytest.mark.parametrize("transport, latency_s", [("shm", 1.1e-5), ("p2p", 5e-5), ("inprocess", 0.0)])
+def test_from_trace_charges_the_transport_s_latency_where_no_receive_waited(transport, latency_s):
+    from pipeline.mlp.model import MLPSpec
+    from pipeline.planning.costs import from_trace
+
+    spec = MLPSpec(dims=(4, 8, 3), activation="relu", bias=True, dtype="float32")
+    costs, _ = from_trace(_message_events(wait_ns=-100), spec, [range(0, 1), range(1, 2)], 2, skip_steps=1,
+                          transport=transport)  # the receive began after the send: nothing waited
+    assert costs.latency_s == latency_s
+    assert costs.comm == pytest.approx({(0, "SEND_F"): 10e-9, (1, "RECV_F"): 98e-9})
+    assert costs.action_s == pytest.approx(3e-9)  # the gaps 2 and 4 ns
+
+
+def test_from_trace_measures_the_latency_over_a_process_transport_and_none_in_process():
+    from pipeline.mlp.model import MLPSpec
+    from pipeline.planning.costs import from_trace
+
+    spec = MLPSpec(dims=(4, 8, 3), activation="relu", bias=True, dtype="float32")
+    events = _message_events(wait_ns=500)
+    for transport in ("shm", "p2p"):
+        costs, _ = from_trace(events, spec, [range(0, 1), range(1, 2)], 2, skip_steps=1, transport=transport)
+        # 198 ns from the send's start to the receive's end, less the send (10), one executor step (the
+        # median of the gaps 2 and 4: 3) and a receive that did not wait (none here: 0)
+        assert costs.latency_s == pytest.approx(185e-9) and costs.recv_s == 0.0
+    costs, _ = from_trace(events, spec, [range(0, 1), range(1, 2)], 2, skip_steps=1, transport="inprocess")
+    assert costs.latency_s == 0.0
+
+
+def test_send_receive_and_executor_step_costs_are_charged_on_the_timeline():
+    from pipeline.planning.costs import Costs
+
+    schedule = lower(one_f_one_b(2, 1), looped(2))
+    compute = {(s, k): 1.0 for s in range(2) for k in "FBW"}
+    costs = Costs(compute, {0: 0, 1: 0}, latency_s=0.5, send_s=0.25, recv_s=0.125, action_s=0.0625,
+                  comm={(1, "SEND_B"): 0.375})
+    # rank 0: 0F0 [0, 1.0625], 0SEND_F0 [, 1.375]; rank 1: 1RECV_F0 ends 1.375 + 0.5 + 0.1875 = 2.0625,
+    # 1F0 3.125, 1BW0 (B + W) 5.1875, 1SEND_B0 5.625; rank 0: 0RECV_B0 ends 6.3125, 0BW0 8.375
+    assert simulate(schedule, looped(2), 1, costs).makespan == pytest.approx(8.375)
+    assert simulate(schedule, looped(2), 1, Costs({**compute, (0, "BW"): 1.5, (1, "BW"): 1.5}, {0: 0, 1: 0},
+                    latency_s=0.5, send_s=0.25, recv_s=0.125, action_s=0.0625, comm={(1, "SEND_B"): 0.375})
+                    ).makespan == pytest.approx(8.375 - 0.5 - 0.5)  # a BW timed whole replaces B + W
+
+
+def test_executor_costs_time_every_stage_through_the_executor():
+    import torch
+
+    from pipeline.config import compose
+    from pipeline.training.forecast import _configured, executor_costs
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        conf, spec, plan, batch, rows = _configured(compose(["pipeline.schedule=zb_h1", "pipeline.microbatches=4"]), 2)
+        costs, outside = executor_costs(conf, spec, plan, batch, repeats=2)
+    finally:
+        torch.set_num_threads(threads)
+    assert set(costs.compute) == {(s, k) for s in range(2) for k in ("F", "B", "W", "BW")}
+    assert all(0 < t < 1 for t in costs.compute.values()) and 0 < costs.action_s < 1e-2 and 0 < outside < 1
+    assert costs.message_bytes == {0: 16 * 128 * 4, 1: 16 * 10 * 4}
