@@ -86,7 +86,7 @@ def step_time(conf, spec: MLPSpec, steps: int, warmup: int) -> float:
             sync()
             start = time.perf_counter()
             engine.train_step(x, y, i + 1)
-            engine.update()
+            engine.update(i + 1)
             sync()
             times.append(time.perf_counter() - start)
     return statistics.median(times[warmup:])

@@ -61,7 +61,7 @@ def in_process(args: argparse.Namespace) -> tuple[dict[bool, list[float]], dict[
             for flag in alternating((False, True), step - 1):
                 start = time.perf_counter()
                 engines[flag].train_step(x_train[rows], y_train[rows], step)
-                engines[flag].update()
+                engines[flag].update(step)
                 times[flag].append(time.perf_counter() - start)
         stash = {flag: engine.stash_figures()["peak_stash_bytes"] for flag, engine in engines.items()}
     return {flag: t[args.warmup:] for flag, t in times.items()}, stash

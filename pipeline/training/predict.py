@@ -32,7 +32,6 @@ from pipeline.config import AUTO, Config
 from pipeline.errors import ConfigError, DataError, UserError
 from pipeline.mlp import microbatch
 from pipeline.mlp.model import MLPSpec
-from pipeline.mlp.stage import Stage
 from pipeline.planning.costs import channel_bytes
 from pipeline.planning.memory import held_bytes, rank_memory
 from pipeline.planning.plan import Plan
