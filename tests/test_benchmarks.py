@@ -1,4 +1,4 @@
-"""benchmarks/vs_builtin.py --quick: two processes, a tiny model, every schedule against the built-in."""
+"""The benchmark scripts' smallest runs: vs_builtin (both transports, each tool alone), quickstart, gpu_check, latency."""
 
 from __future__ import annotations
 
@@ -28,18 +28,20 @@ def table_rows(stdout: str) -> dict[str, list[str]]:
     return rows
 
 
-def test_quick_run_compares_every_schedule(tmp_path):
+def test_quick_run_compares_every_schedule_on_both_transports(tmp_path):
     out = tmp_path / "raw.json"
-    result = subprocess.run([sys.executable, "benchmarks/vs_builtin.py", "--quick", "--json", str(out)],
+    result = subprocess.run([sys.executable, "benchmarks/vs_builtin.py", "--quick", "--alone", "0", "--json", str(out)],
                             cwd=ROOT, capture_output=True, text=True, timeout=170)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "| ours shm ms | ours p2p ms | built-in ms | ours shm/built-in" in result.stdout
     rows = table_rows(result.stdout)
     assert sorted(rows) == sorted(SCHEDULES), result.stdout
     for schedule, cells in rows.items():
-        ours, builtin = float(cells[3]), float(cells[4])
-        ratio = float(cells[5].split()[0].strip("*"))
-        for value in (ours, builtin, ratio):
+        shm, p2p, builtin = (float(c) for c in cells[3:6])
+        ratios = [float(c.split()[0].strip("*")) for c in cells[6:8]]
+        for value in (shm, p2p, builtin, *ratios):
             assert math.isfinite(value) and value > 0, (schedule, cells)
+        assert math.isclose(ratios[0], shm / builtin, rel_tol=0.02, abs_tol=0.01), cells
     raw = json.loads(out.read_text())
     assert {c["schedule"] for c in raw["configs"]} == set(SCHEDULES)
     for c in raw["configs"]:
@@ -47,42 +49,72 @@ def test_quick_run_compares_every_schedule(tmp_path):
         assert c["grad_rel_diff"] < 1e-5 and c["param_abs_diff"] < 1e-5, c
         assert all(b > 0 for b in c["stash_ours"] + c["stash_builtin"]), c
         assert c["ours_s"] > 0 and c["builtin_s"] > 0 and c["seq_s"] > 0
+        assert sorted(c["median_s"]) == ["built-in", "p2p", "shm"], c["median_s"]
+        assert "shm" in c["links"]["shm"] and "p2p" in c["links"]["p2p"], c["links"]
+        for rank in c["work"]:  # CPU and garbage collector per timed step, every tool, every rank
+            assert all(w["steps"] == 4 and w["cpu_ms_per_step"] > 0 for w in rank.values()), rank
     assert raw["overhead"]["ratio"] > 0
     assert "### Targets" in result.stdout
+    assert raw["alone"] == []
 
 
-def test_bad_microbatches_are_refused():
-    result = subprocess.run([sys.executable, "benchmarks/vs_builtin.py", "--quick", "--microbatches", "3"],
-                            cwd=ROOT, capture_output=True, text=True, timeout=60)
-    assert result.returncode != 0 and "must divide the batch" in result.stderr
+def test_each_tool_alone_under_torchrun_beside_the_harness(tmp_path):
+    """One alternation: ours (shm) as the harness steps it, as pipeline.train, and the built-in, each in a
+    torchrun launch of its own; the table puts each ratio beside the harness's (p2p alone: the same code)."""
+    out = tmp_path / "raw.json"
+    result = subprocess.run([sys.executable, "benchmarks/vs_builtin.py", "--quick", "--schedules", "1f1b", "--no-refs",
+                             "--transports", "shm", "--json", str(out)], cwd=ROOT, capture_output=True, text=True,
+                            timeout=170)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    (alone,) = json.loads(out.read_text())["alone"]
+    tools = ["shm", "shm train", "built-in"]
+    assert (alone["schedule"], alone["m"]) == ("1f1b", 4) and sorted(alone["median_s"]) == sorted(tools)
+    for tool in tools:
+        assert len(alone["times"][tool]) == 2 * 2 and all(t > 0 for t in alone["times"][tool]), tool  # repeats x steps
+    section = result.stdout.split("### In the harness and each tool alone")[1].split("###")[0]
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in section.splitlines() if line.startswith("| 1f1b")]
+    assert [(r[2], r[3]) for r in rows] == [("shm", "Engine steps"), ("shm", "pipeline.train")], section
+    for r in rows:
+        harness_ms, harness_builtin, alone_ms, alone_builtin = float(r[4]), float(r[5]), float(r[7]), float(r[8])
+        harness_ratio, alone_ratio = (float(r[i].split()[0].strip("*")) for i in (6, 9))
+        assert min(harness_ms, harness_builtin, alone_ms, alone_builtin, harness_ratio, alone_ratio) > 0, r
+        assert math.isclose(alone_ratio, alone_ms / alone_builtin, rel_tol=0.02, abs_tol=0.01), r
 
 
-def test_workers_are_killed_on_timeout():
-    result = subprocess.run([sys.executable, "benchmarks/vs_builtin.py", "--quick", "--timeout", "1"],
-                            cwd=ROOT, capture_output=True, text=True, timeout=60)
-    assert result.returncode != 0
-    assert "timed out after 1 s" in result.stderr and "killed every worker" in result.stderr
+def test_the_alone_runs_train_the_harness_model(tmp_path):
+    """pipeline.train's overrides for the alone run compose to the config the harness builds."""
+    from pipeline.config import compose
+
+    vs_builtin = load("vs_builtin")
+    args = vs_builtin.parse_args(["--model", "small", "--schedules", "1f1b"])
+    assert args.alone_for == [["1f1b", 8]] and args.transports == ["shm", "p2p"]
+    mine = vs_builtin.Bench(args, 0).conf("1f1b", 8, 1, "p2p", None)
+    theirs = compose(vs_builtin.train_overrides(args, "1f1b", 8, "p2p", 25))
+    for part in ("model", "data", "optim", "loss", "pipeline"):
+        assert getattr(mine, part) == getattr(theirs, part), part
+    assert (theirs.train.steps, theirs.train.log_every, theirs.train.batch_size) == (25, 1, 64)
 
 
-def test_the_device_check_runs_every_schedule_and_p_on_the_cpu():
-    result = subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--device", "cpu", "--quick"], cwd=ROOT,
-                            capture_output=True, text=True, timeout=170)
-    assert result.returncode == 0, result.stdout + result.stderr
-    lines = result.stdout.splitlines()
-    worst = [line for line in lines if "worst relative difference" in line]
-    assert len(worst) == 1 and float(worst[0].split(":")[1]) <= 1e-6
-    for name in SCHEDULES:
-        equivalence, timing = [line.split() for line in lines if line.strip().startswith(name + " ")]
-        assert len([cell for cell in equivalence if cell.startswith("p=")]) == 3  # p = 1, 2, 4
-        assert len(timing) == 4 and all(float(ms) > 0 for ms in timing[1:])
+@pytest.mark.parametrize("argv, message", [
+    (["--transports", "shm,tcp"], "--transports"), (["--transports", "shm,shm"], "--transports"),
+    (["--alone", "-1"], "--alone"), (["--alone-for", "1f1b:16"], "--alone-for"), (["--alone-for", "1f1b"], "--alone-for")])
+def test_vs_builtin_bad_options_are_refused(argv, message):
+    result = subprocess.run([sys.executable, "benchmarks/vs_builtin.py", "--quick", *argv], cwd=ROOT,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and message in result.stderr.strip().splitlines()[-1], result.stderr
 
 
-def test_the_device_check_says_so_when_cuda_is_missing():
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}  # no GPU, even on a machine that has one
-    result = subprocess.run([sys.executable, "benchmarks/gpu_check.py"], cwd=ROOT, capture_output=True, text=True,
-                            timeout=60, env=env)
-    assert result.returncode == 2 and result.stderr.strip().splitlines() == [
-        "error: --device cuda but torch sees no CUDA device; run on a GPU machine or pass --device cpu"]
+def test_alternate_times_every_tool_against_the_last():
+    harness = load("harness")
+    order: list[str] = []
+
+    def tool(name: str, seconds: float):
+        return lambda: order.append(name) or [seconds, seconds]
+
+    times, ratios = harness.alternate({"a": tool("a", 1.0), "b": tool("b", 3.0), "ref": tool("ref", 2.0)}, 2)
+    assert order == ["a", "b", "ref", "ref", "b", "a"]  # the order reverses every other repeat
+    assert times == {"a": [1.0] * 4, "b": [3.0] * 4, "ref": [2.0] * 4}
+    assert ratios == {"a": [0.5, 0.5], "b": [1.5, 1.5]}
 
 
 def load(name: str):
