@@ -117,6 +117,67 @@ def test_alternate_times_every_tool_against_the_last():
     assert ratios == {"a": [0.5, 0.5], "b": [1.5, 1.5]}
 
 
+def test_quickstart_times_one_process_against_both_transports(tmp_path):
+    out = tmp_path / "raw.json"
+    result = subprocess.run([sys.executable, "benchmarks/quickstart.py", "--steps", "5", "--repeats", "1",
+                             "--json", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=170)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    rows = {cells[0]: cells for cells in ([c.strip() for c in line.strip("|").split("|")]
+                                          for line in result.stdout.splitlines() if line.startswith("| p=")) }
+    assert sorted(rows) == sorted(["p=1", "p=1 1 thread", "p=2 shm", "p=2 p2p", "p=2 shm / p=1",
+                                   "p=2 shm / p=1 1 thread", "p=2 p2p / p=1", "p=2 p2p / p=1 1 thread"]), result.stdout
+    assert "shm" in rows["p=2 shm"][1] and "p2p" in rows["p=2 p2p"][1]
+    for run in ("p=1", "p=1 1 thread", "p=2 shm", "p=2 p2p"):
+        assert all(float(cell) > 0 for cell in rows[run][2:]), rows[run]  # training and wall seconds
+    raw = json.loads(out.read_text())["runs"]
+    for run in ("p=2 shm", "p=2 p2p"):
+        ratio = float(rows[f"{run} / p=1"][1].split()[0].strip("*"))
+        assert math.isclose(ratio, raw[run][0]["train_s"] / raw["p=1"][0]["train_s"], rel_tol=0.02, abs_tol=0.01)
+    assert [r[0]["ranks"] for r in raw.values()] == [1, 1, 2, 2]
+    target = [line for line in result.stdout.splitlines() if line.startswith("- target: p=2 over shm")]
+    assert len(target) == 1 and target[0].endswith(("met", "MISSED")), result.stdout
+
+
+def test_quickstart_bad_input_exits_2():
+    result = subprocess.run([sys.executable, "benchmarks/quickstart.py", "--steps", "0"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "--steps" in result.stderr.strip().splitlines()[-1]
+
+
+def test_bad_microbatches_are_refused():
+    result = subprocess.run([sys.executable, "benchmarks/vs_builtin.py", "--quick", "--microbatches", "3"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0 and "must divide the batch" in result.stderr
+
+
+def test_workers_are_killed_on_timeout():
+    result = subprocess.run([sys.executable, "benchmarks/vs_builtin.py", "--quick", "--timeout", "1"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0
+    assert "timed out after 1 s" in result.stderr and "killed every worker" in result.stderr
+
+
+def test_the_device_check_runs_every_schedule_and_p_on_the_cpu():
+    result = subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--device", "cpu", "--quick"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=170)
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = result.stdout.splitlines()
+    worst = [line for line in lines if "worst relative difference" in line]
+    assert len(worst) == 1 and float(worst[0].split(":")[1]) <= 1e-6
+    for name in SCHEDULES:
+        equivalence, timing = [line.split() for line in lines if line.strip().startswith(name + " ")]
+        assert len([cell for cell in equivalence if cell.startswith("p=")]) == 3  # p = 1, 2, 4
+        assert len(timing) == 4 and all(float(ms) > 0 for ms in timing[1:])
+
+
+def test_the_device_check_says_so_when_cuda_is_missing():
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}  # no GPU, even on a machine that has one
+    result = subprocess.run([sys.executable, "benchmarks/gpu_check.py"], cwd=ROOT, capture_output=True, text=True,
+                            timeout=60, env=env)
+    assert result.returncode == 2 and result.stderr.strip().splitlines() == [
+        "error: --device cuda but torch sees no CUDA device; run on a GPU machine or pass --device cpu"]
+
+
 def load(name: str):
     """A script of benchmarks/ as a module (they are scripts, not a package). Its folder is on sys.path
     while it loads, as it is for `python benchmarks/NAME.py`, so that `import harness` works."""
