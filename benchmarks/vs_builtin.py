@@ -5,14 +5,21 @@
     python benchmarks/vs_builtin.py --model balanced     # default with a 1536-wide input: an even cut, m = 8
     python benchmarks/vs_builtin.py --quick              # a tiny smoke run (seconds)
     python benchmarks/vs_builtin.py --json out.json      # also save every raw number
+    python benchmarks/vs_builtin.py --alone 0            # skip the alone runs
 
 Two worker processes (p = 2, gloo, one thread each) start the process group once. For every
-schedule and m they build this project's Engine and the built-in's PipelineStages from the same
-initial weights, check that one step of each gives the same gradient, warm up, then time
-`--repeats` blocks of `--steps` steps, alternating the order of the two tools from one repeat to
-the next. Rank 0 also times, in the same repeats, this project on one process (T_seq: p = 1,
-in-process transport, same m and v) while rank 1 waits, idle, at a barrier. A last section times
-this project at p = 1, m = 1 against a plain PyTorch loop (nn.Sequential + autograd + SGD).
+schedule and m they build this project's Engine on each of --transports (shm, p2p) and the
+built-in's PipelineStages from the same initial weights, check that one step of each gives the
+same gradient, warm up, then time `--repeats` blocks of `--steps` steps, the order of the tools
+reversing from one repeat to the next. Rank 0 also times, in the same repeats, this project on one
+process (T_seq: p = 1, in-process transport, same m and v) while rank 1 waits, idle, at a barrier.
+A last section times this project at p = 1, m = 1 against a plain PyTorch loop.
+
+Then, for the configurations of --alone-for (default 1f1b at m = 8), each tool runs alone as a user
+would, --alone times in alternation: a torchrun launch per tool, one process group, nothing else in
+the process. Ours alone runs twice over: the harness's Engine steps, and `python -m pipeline.train`
+itself (its step_time_s); for the second the harness also times ours as pipeline.train steps a
+step it logs (its NaN check is an all-reduce over the ranks), so each alone ratio has its harness twin.
 
 A step's time is the time between two consecutive steps completing on every rank (clock shared
 by the processes of one machine); each table reports the median over all timed steps.
@@ -99,9 +106,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--alone", type=int, default=3,
                         help="also run each tool alone under torchrun, alternating, this many times (0: skip)")
     parser.add_argument("--alone-for", default=None,
-                        help="SCHEDULE:M,... run alone, or 'all' (default: 1f1b:8 when run, else the first)")
+                        help="SCHEDULE:M,... run alone and timed as pipeline.train steps too, or 'all' "
+                             "(default: 1f1b:8 when run, else the first; none with --alone 0)")
     parser.add_argument("--worker-result", type=Path, default=None, help=argparse.SUPPRESS)  # set in workers
     parser.add_argument("--solo", default=None, help=argparse.SUPPRESS)  # under torchrun: this one tool alone
+    parser.add_argument("--harness-round", action="store_true", help=argparse.SUPPRESS)  # one of the alone rounds
     args = parser.parse_args(argv)
     if args.quick:
         args.model, args.steps, args.repeats, args.warmup, args.alone = "tiny", 2, 2, 1, min(args.alone, 1)
@@ -133,12 +142,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def alone_configs(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list[list]:
     """The [schedule, m] pairs --alone-for names, each one the invocation runs."""
     run = [[s, m] for s in args.schedules for m in args.microbatches]
-    if args.alone == 0 or args.alone_for == "none":
+    if args.alone_for == "none":
         return []
     if args.alone_for == "all":
         return run
     if args.alone_for is None:
-        return [["1f1b", 8]] if ["1f1b", 8] in run else run[:1]
+        return [] if args.alone == 0 else [["1f1b", 8]] if ["1f1b", 8] in run else run[:1]
     named = []
     for item in args.alone_for.split(","):
         schedule, _, m = item.partition(":")
@@ -162,7 +171,8 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="vs_builtin_") as workdir:
         results = harness.launch(Path(__file__), argv, P, Path(workdir), args.timeout, "vs_builtin")
-        results["alone"] = [run_alone(args, schedule, m, Path(workdir)) for schedule, m in args.alone_for]
+        results["alone"] = [] if args.harness_round or args.alone == 0 else \
+            [run_alone(args, schedule, m, Path(workdir)) for schedule, m in args.alone_for]
     results["wall_s"] = time.perf_counter() - started
     results["source"] = harness.source_state()
     print(report(results))
@@ -213,27 +223,47 @@ def alone_once(args: argparse.Namespace, schedule: str, m: int, tool: str, workd
     return harness.torchrun_script(Path(__file__), argv, P, workdir, args.timeout, "vs_builtin")
 
 
+def harness_round(args: argparse.Namespace, schedule: str, m: int, workdir: Path) -> dict:
+    """One launch of the harness for one configuration, every tool of the alone runs in it; each tool's durations."""
+    argv = ["--model", args.model, "--schedules", schedule, "--microbatches", str(m), "--steps", str(args.steps),
+            "--repeats", str(args.repeats), "--warmup", str(args.warmup), "--timeout", str(args.timeout),
+            "--transports", ",".join(args.transports), "--no-refs", "--alone-for", f"{schedule}:{m}", "--harness-round"]
+    workdir.mkdir(parents=True)
+    (config,) = harness.launch(Path(__file__), argv, P, workdir, args.timeout, "vs_builtin")["configs"]
+    return {"times": config["times"], "work": config["work"]}
+
+
 def run_alone(args: argparse.Namespace, schedule: str, m: int, workdir: Path) -> dict:
-    """Each tool alone under torchrun (one launch, one process group, one tool per process), the tools
-    alternating (A B C, C B A, ...) --alone times. Ours runs both as the harness steps it (the same
-    code in a process of its own) and as pipeline.train."""
+    """Each tool alone under torchrun (one launch, one process group, one tool per process), and between
+    them the harness with every tool (a launch of its own), alternating (H A B C, C B A H, ...) --alone
+    times, so that machine drift reaches both readings alike. Ours runs alone twice over: the harness's
+    Engine steps (the same code in a process of its own), and pipeline.train."""
     names = tools(args, trainer=True)
-    times: dict[str, list[float]] = {tool: [] for tool in names}
-    medians: dict[str, list[float]] = {tool: [] for tool in names}
-    work: dict[str, list] = {tool: [] for tool in names}  # per launch, per rank: CPU, garbage collector
+    readings = {how: {"times": {t: [] for t in names}, "run_medians": {t: [] for t in names}, "work": []}
+                for how in ("harness", "alone")}
     for rep in range(args.alone):
-        for tool in harness.alternating(names, rep):
-            out = alone_once(args, schedule, m, tool, workdir / f"alone_{schedule}_{m}_{tool.replace(' ', '_')}_{rep}")
-            times[tool] += out["times"]
-            medians[tool].append(median(out["times"]))
-            work[tool].append(out["work"])
-            progress(0, f"alone {schedule} m={m} round {rep + 1}/{args.alone}: {tool} {ms(medians[tool][-1])} ms "
-                        f"({out['links']}, {out['threads']} thread(s))")
-    ref = medians[BUILTIN_TOOL]
-    return {"schedule": schedule, "m": m, "times": times, "run_medians": medians, "work": work,
-            "median_s": {tool: median(times[tool]) for tool in times},
-            "ratio": {t: median(times[t]) / median(times[BUILTIN_TOOL]) for t in names[:-1]},
-            "run_ratios": {t: [a / b for a, b in zip(medians[t], ref)] for t in names[:-1]}}
+        for item in harness.alternating(["harness", *names], rep):
+            where = workdir / f"alone_{schedule}_{m}_{item.replace(' ', '_')}_{rep}"
+            if item == "harness":
+                out, tools_out = harness_round(args, schedule, m, where), names
+            else:
+                out, tools_out = alone_once(args, schedule, m, item, where), [item]
+                out["times"] = {item: out["times"]}
+            r = readings["harness" if item == "harness" else "alone"]
+            r["work"].append({"tool": item, "work": out["work"]})
+            for tool in tools_out:
+                r["times"][tool] += out["times"][tool]
+                r["run_medians"][tool].append(median(out["times"][tool]))
+            print(f"[vs_builtin] alone runs {schedule} m={m}, round {rep + 1}/{args.alone}: {item} "
+                  + " ".join(f"{t} {ms(r['run_medians'][t][-1])} ms" for t in tools_out)
+                  + (f" ({out['links']}, {out['threads']} thread(s))" if item != "harness" else ""),
+                  file=sys.stderr, flush=True)
+    for r in readings.values():
+        ref = r["run_medians"][BUILTIN_TOOL]
+        r["median_s"] = {t: median(r["times"][t]) for t in names}
+        r["ratio"] = {t: r["median_s"][t] / r["median_s"][BUILTIN_TOOL] for t in names[:-1]}
+        r["run_ratios"] = {t: [a / b for a, b in zip(r["run_medians"][t], ref)] for t in names[:-1]}
+    return {"schedule": schedule, "m": m, **readings}
 
 
 def work_figures(tool) -> dict:
@@ -260,8 +290,8 @@ def solo(args: argparse.Namespace) -> int:
     if args.solo == BUILTIN_TOOL:
         dist.init_process_group("gloo", timeout=timedelta(seconds=args.timeout))
         tool, links = bench.builtin(schedule, m, v), "gloo"
-    else:
-        tool = bench.ours(schedule, m, v, args.solo)
+    else:  # "shm train": as pipeline.train steps (for a look at the difference from pipeline.train itself)
+        tool = bench.ours(schedule, m, v, args.solo.removesuffix(TRAIN), trainer=args.solo.endswith(TRAIN))
         links = tool.links
     try:
         for _ in range(args.warmup + 1):
@@ -339,6 +369,8 @@ def report(res: dict) -> str:
             f"{100 * (ov['ratio'] - 1):+.1f} %", "met" if ov["ratio"] <= 1 + OVERHEAD_TARGET else "missed"]])
     if any("breakdown" in c for c in res["configs"]):
         lines += ["", breakdown_table(res)]
+    if any(t + TRAIN in c["median_s"] for c in res["configs"] for t in a["transports"]):
+        lines += ["", logged_table(res)]
     if res.get("alone"):
         lines += ["", alone_table(res)]
     lines += ["", "### Targets", ""] + [f"- {t}" for t in targets(res)]
@@ -350,25 +382,44 @@ def ratio_cell(ratio: float, per_repeat: list[float]) -> str:
     return f"**{ratio:.2f}** ({min(per_repeat):.2f}-{max(per_repeat):.2f})"
 
 
+def logged_table(res: dict) -> str:
+    """In the harness, ours as pipeline.train steps a step it logs against ours' Engine steps: per repeat the
+    ratio of the two blocks' medians (timed in the same repeat, so drift cancels); their median and quartiles."""
+    import statistics
+
+    rows = []
+    for c in res["configs"]:
+        for t in res["args"]["transports"]:
+            if t + TRAIN in c["median_s"]:
+                per = [a / b for a, b in zip(c["repeat_ratios"][t + TRAIN], c["repeat_ratios"][t])]
+                quartiles = statistics.quantiles(per, n=4) if len(per) > 1 else per * 3
+                rows.append([c["schedule"], c["m"], t, ms(c["median_s"][t]), ms(c["median_s"][t + TRAIN]),
+                             f"**{median(per):.2f}** ({quartiles[0]:.2f}-{quartiles[2]:.2f})", len(per)])
+    return "\n".join(["### Ours as pipeline.train steps a logged step, against its Engine steps, in the harness", "",
+                      *harness.table(["schedule", "m", "our transport", "Engine steps ms", "logged steps ms",
+                                      "logged / Engine, median of the per-repeat ratios (quartiles)", "repeats"],
+                                     "lrlrrrr", rows)])
+
+
 def alone_table(res: dict) -> str:
     """Each tool alone (its own torchrun launch) beside the same configuration in the harness: ours as the
     harness steps it, and ours as pipeline.train steps (in the harness) or pipeline.train itself (alone)."""
     a, rows = res["args"], []
-    configs = {(c["schedule"], c["m"]): c for c in res["configs"]}
-    for alone in res["alone"]:
-        c = configs[(alone["schedule"], alone["m"])]
+    for run in res["alone"]:
+        h, alone = run["harness"], run["alone"]
         for name in (n for t in a["transports"] for n in (t, t + TRAIN)):
-            rows.append([alone["schedule"], alone["m"], name.removesuffix(TRAIN),
+            rows.append([run["schedule"], run["m"], name.removesuffix(TRAIN),
                          "pipeline.train" if name.endswith(TRAIN) else "Engine steps",
-                         ms(c["median_s"][name]), ms(c["builtin_s"]), ratio_cell(c["ratios"][name], c["repeat_ratios"][name]),
+                         ms(h["median_s"][name]), ms(h["median_s"][BUILTIN_TOOL]), ratio_cell(h["ratio"][name], h["run_ratios"][name]),
                          ms(alone["median_s"][name]), ms(alone["median_s"][BUILTIN_TOOL]),
                          ratio_cell(alone["ratio"][name], alone["run_ratios"][name])])
     return "\n".join([
-        f"### In the harness and each tool alone (its own torchrun launch: one process group, no other tool "
-        f"in the process; the launches alternating, {a['alone']} of each, {a['repeats']} x {a['steps']} timed steps each)",
-        "", *harness.table(["schedule", "m", "our transport", "ours timed as", "harness: ours ms", "harness: built-in ms",
-                            "harness: ours/built-in (per-repeat range)", "alone: ours ms", "alone: built-in ms",
-                            "alone: ours/built-in (per-launch range)"], "lrllrrrrrr", rows), "",
+        f"### In the harness and each tool alone: {a['alone']} rounds, each a harness launch (every tool) and a "
+        f"torchrun launch per tool alone (one process group, no other tool in the process), in alternating order; "
+        f"{a['repeats']} x {a['steps']} timed steps per tool and launch", "",
+        *harness.table(["schedule", "m", "our transport", "ours timed as", "harness: ours ms", "harness: built-in ms",
+                        "harness: ours/built-in (per-round range)", "alone: ours ms", "alone: built-in ms",
+                        "alone: ours/built-in (per-round range)"], "lrllrrrrrr", rows), "",
         "Engine steps: train_step + update, in the harness and alone (the same code). pipeline.train: alone, "
         "`torchrun -m pipeline.train` itself (train.log_every=1, its step_time_s); in the harness, Engine steps "
         "plus what pipeline.train adds to a step it logs (the NaN check's all-reduce over the ranks, the L2 term, "
@@ -405,7 +456,8 @@ def shm_targets(res: dict) -> list[str]:
     alone = next((r for r in res.get("alone", []) if (r["schedule"], r["m"]) == ("1f1b", 8)), None)
     readings = [("in the harness", c["ratios"]["shm"])]
     if alone is not None:
-        readings += [("alone", alone["ratio"]["shm"]), ("alone as pipeline.train", alone["ratio"]["shm" + TRAIN])]
+        readings += [("alone", alone["alone"]["ratio"]["shm"]),
+                     ("alone as pipeline.train", alone["alone"]["ratio"]["shm" + TRAIN])]
     out.append(f"issue #15: 1f1b m=8 over shm ≤ {limit}× built-in: "
                + "; ".join(f"{how} {r:.2f} {'met' if r <= limit else 'MISSED'}" for how, r in readings))
     if "seq_s" in c:

@@ -66,11 +66,13 @@ def test_each_tool_alone_under_torchrun_beside_the_harness(tmp_path):
                              "--transports", "shm", "--json", str(out)], cwd=ROOT, capture_output=True, text=True,
                             timeout=170)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    (alone,) = json.loads(out.read_text())["alone"]
+    (run,) = json.loads(out.read_text())["alone"]
     tools = ["shm", "shm train", "built-in"]
-    assert (alone["schedule"], alone["m"]) == ("1f1b", 4) and sorted(alone["median_s"]) == sorted(tools)
-    for tool in tools:
-        assert len(alone["times"][tool]) == 2 * 2 and all(t > 0 for t in alone["times"][tool]), tool  # repeats x steps
+    assert (run["schedule"], run["m"]) == ("1f1b", 4)
+    for how in ("harness", "alone"):  # the round's harness launch, and each tool's own launch
+        assert sorted(run[how]["median_s"]) == sorted(tools)
+        for tool in tools:  # repeats x steps of the one round
+            assert len(run[how]["times"][tool]) == 2 * 2 and all(t > 0 for t in run[how]["times"][tool]), (how, tool)
     section = result.stdout.split("### In the harness and each tool alone")[1].split("###")[0]
     rows = [[c.strip() for c in line.strip("|").split("|")] for line in section.splitlines() if line.startswith("| 1f1b")]
     assert [(r[2], r[3]) for r in rows] == [("shm", "Engine steps"), ("shm", "pipeline.train")], section
