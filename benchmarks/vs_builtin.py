@@ -71,6 +71,7 @@ LR, SEED, DATA_SEED, NUM_BATCHES = 0.01, 0, 1234, 4
 P = 2  # pipeline ranks = worker processes
 TRANSPORTS = ("shm", "p2p")  # our side's pipeline.transport: shared memory, gloo point-to-point
 BUILTIN_TOOL = "built-in"  # the name of the built-in's timings, beside "ours shm" and "ours p2p"
+TRAIN = " train"  # "shm train": ours as pipeline.train steps (in the harness) or pipeline.train itself (alone)
 
 
 def stages_per_rank(schedule: str) -> int:
@@ -179,9 +180,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         harness.write_json(args.json, results)
     return 0
-
-
-TRAIN = " train"  # "shm train": ours as pipeline.train steps (in the harness) or pipeline.train itself (alone)
 
 
 def tools(args: argparse.Namespace, trainer: bool) -> list[str]:
