@@ -2,12 +2,13 @@
 
 Each script imports it as `harness`: Python puts a script's own folder first on sys.path, also under
 torchrun. The scripts import `pipeline` as an installed package (`pip install -e .`). In an
-orchestrator: start_workers, wait, kill, launch (workers that report one JSON result) and
-torchrun_train. Inside a worker: worker_main, durations and the collectives. For reports: table, ms, kib, write_json.
+orchestrator: start_workers, wait, kill, launch (workers that report one JSON result),
+torchrun_script (the same under torchrun) and torchrun_train. Inside a worker: worker_main, durations and the collectives. For reports: table, ms, kib, write_json.
 """
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import os
@@ -147,10 +148,53 @@ def abort(procs: list[subprocess.Popen], workdir: Path, message: str) -> str:
 
 
 def torchrun_train(overrides: list[str], ranks: int, run_dir: str, timeout: float = 900) -> subprocess.CompletedProcess:
-    """`python -m torch.distributed.run --standalone --nproc-per-node=RANKS -m pipeline.train`, output captured."""
+    """`python -m torch.distributed.run --standalone --nproc-per-node=RANKS -m pipeline.train`, output captured.
+    Past `timeout` seconds torchrun is stopped with its workers (stop) and TimeoutExpired raised."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}", "-m",
            "pipeline.train", *overrides, f"hydra.run.dir={run_dir}"]
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        stop(proc)
+        raise
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def stop(torchrun: subprocess.Popen) -> None:
+    """End a torchrun we started: SIGTERM, which it passes on to its workers (each in a session of its
+    own, out of reach of our kill), and SIGKILL if it is still there 30 s later."""
+    torchrun.terminate()
+    try:
+        torchrun.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        torchrun.kill()
+        torchrun.communicate()
+
+
+def torchrun_script(script: Path, argv: list[str], ranks: int, workdir: Path, timeout: float, name: str) -> dict:
+    """`python -m torch.distributed.run --standalone --nproc-per-node=RANKS SCRIPT ARGV --worker-result F`:
+    torchrun's own rendezvous and process group, as a user would launch it (one thread per rank and gloo
+    on loopback, as in launch); returns rank 0's JSON result. Past `timeout` seconds torchrun is told to
+    stop (SIGTERM: it ends its workers), then killed; on a failure SystemExit shows the end of the log."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    result, log = workdir / "result.json", workdir / "torchrun.log"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}",
+           str(script.resolve()), *argv, "--worker-result", str(result)]
+    env = {**os.environ, **{k: v for k, v in worker_env(0, ranks, 0).items()
+                           if k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "GLOO_SOCKET_IFNAME", "PYTHONPATH")}}
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        code = proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        stop(proc)
+        print(tail(log, 25), file=sys.stderr)
+        raise SystemExit(f"{name}: error: torchrun {' '.join(argv)} timed out after {timeout:g} s (--timeout)") from None
+    if code != 0 or not result.exists():
+        print(tail(log, 25), file=sys.stderr)
+        raise SystemExit(f"{name}: error: torchrun {' '.join(argv)} failed with exit code {code}")
+    return json.loads(result.read_text())
 
 
 def metrics(run_dir: str | Path) -> list[dict]:
@@ -265,19 +309,47 @@ def alternating(items: Sequence, i: int) -> Sequence:
 
 
 def alternate(tools: dict[str, Callable[[], list[float]]], repeats: int,
-              after: Callable[[], None] = lambda: None) -> tuple[dict[str, list[float]], list[float]]:
+              after: Callable[[], None] = lambda: None) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
     """Time a block of each tool per repeat, the order alternating, after() after each repeat: every
-    tool's durations, and per repeat the first tool's block median over the second's."""
+    tool's durations, and for each tool but the last, per repeat its block median over the last tool's."""
     names = list(tools)
     times: dict[str, list[float]] = {name: [] for name in names}
-    ratios = []
+    ratios: dict[str, list[float]] = {name: [] for name in names[:-1]}
     for rep in range(repeats):
         block = {name: tools[name]() for name in alternating(names, rep)}
         for name in names:
             times[name] += block[name]
-        ratios.append(median(block[names[0]]) / median(block[names[1]]))
+        for name in ratios:
+            ratios[name].append(median(block[name]) / median(block[names[-1]]))
         after()
     return times, ratios
+
+
+class GcClock:
+    """While entered: how many collections of each generation the cyclic garbage collector ran, and
+    the seconds they took (gc.callbacks). Entering again goes on counting."""
+
+    def __init__(self):
+        self.collections, self.seconds, self._start = [0, 0, 0], [0.0, 0.0, 0.0], None
+
+    def __call__(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._start = time.perf_counter()
+        elif self._start is not None:
+            self.collections[info["generation"]] += 1
+            self.seconds[info["generation"]] += time.perf_counter() - self._start
+            self._start = None
+
+    def __enter__(self) -> "GcClock":
+        gc.callbacks.append(self)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        gc.callbacks.remove(self)
+        self._start = None
+
+    def figures(self) -> dict:
+        return {"collections": list(self.collections), "seconds": list(self.seconds)}
 
 
 # ------------------------------------------------------------------------------------------------

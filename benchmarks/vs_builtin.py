@@ -5,14 +5,21 @@
     python benchmarks/vs_builtin.py --model balanced     # default with a 1536-wide input: an even cut, m = 8
     python benchmarks/vs_builtin.py --quick              # a tiny smoke run (seconds)
     python benchmarks/vs_builtin.py --json out.json      # also save every raw number
+    python benchmarks/vs_builtin.py --alone 0            # skip the alone runs
 
 Two worker processes (p = 2, gloo, one thread each) start the process group once. For every
-schedule and m they build this project's Engine and the built-in's PipelineStages from the same
-initial weights, check that one step of each gives the same gradient, warm up, then time
-`--repeats` blocks of `--steps` steps, alternating the order of the two tools from one repeat to
-the next. Rank 0 also times, in the same repeats, this project on one process (T_seq: p = 1,
-in-process transport, same m and v) while rank 1 waits, idle, at a barrier. A last section times
-this project at p = 1, m = 1 against a plain PyTorch loop (nn.Sequential + autograd + SGD).
+schedule and m they build this project's Engine on each of --transports (shm, p2p) and the
+built-in's PipelineStages from the same initial weights, check that one step of each gives the
+same gradient, warm up, then time `--repeats` blocks of `--steps` steps, the order of the tools
+reversing from one repeat to the next. Rank 0 also times, in the same repeats, this project on one
+process (T_seq: p = 1, in-process transport, same m and v) while rank 1 waits, idle, at a barrier.
+A last section times this project at p = 1, m = 1 against a plain PyTorch loop.
+
+Then, for the configurations of --alone-for (default 1f1b at m = 8), each tool runs alone as a user
+would, --alone times in alternation: a torchrun launch per tool, one process group, nothing else in
+the process. Ours alone runs twice over: the harness's Engine steps, and `python -m pipeline.train`
+itself (its step_time_s); for the second the harness also times ours as pipeline.train steps a
+step it logs (its NaN check is an all-reduce over the ranks), so each alone ratio has its harness twin.
 
 A step's time is the time between two consecutive steps completing on every rank (clock shared
 by the processes of one machine); each table reports the median over all timed steps.
@@ -22,6 +29,7 @@ benchmarks/README.md explains what is counted as stashed bytes on each side.
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import sys
 import tempfile
@@ -55,10 +63,15 @@ MODELS = {
 }
 # Targets the project aims for: our step time / built-in's at equal p and m, at most
 RATIO_TARGET = {"default": 0.8, "balanced": 0.8, "small": 0.5}
+# issue #15: 1f1b, m = 8, ours over shm / the built-in, in the harness and alone, at most
+SHM_TARGET = {"small": 0.6, "default": 0.75}
 EFFICIENCY_FRACTION = 0.9  # E >= 0.9 (1 - theoretical bubble) at p = 2, m = 8
 OVERHEAD_TARGET = 0.10  # p = 1, m = 1: at most 10 % slower than the plain loop
 LR, SEED, DATA_SEED, NUM_BATCHES = 0.01, 0, 1234, 4
 P = 2  # pipeline ranks = worker processes
+TRANSPORTS = ("shm", "p2p")  # our side's pipeline.transport: shared memory, gloo point-to-point
+BUILTIN_TOOL = "built-in"  # the name of the built-in's timings, beside "ours shm" and "ours p2p"
+TRAIN = " train"  # "shm train": ours as pipeline.train steps (in the harness) or pipeline.train itself (alone)
 
 
 def stages_per_rank(schedule: str) -> int:
@@ -85,13 +98,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no-refs", action="store_true", help="skip T_seq and the p=1 overhead section")
     parser.add_argument("--breakdown", action="store_true",
                         help="also trace our runtime's actions (trace.enabled) and print where each rank's step time goes")
-    parser.add_argument("--quick", action="store_true", help="tiny model, 2 steps, 2 repeats, 1 warm-up: a smoke run")
+    parser.add_argument("--quick", action="store_true",
+                        help="tiny model, 2 steps, 2 repeats, 1 warm-up, at most 1 alone round: a smoke run")
     parser.add_argument("--json", type=Path, default=None, help="save the raw numbers here")
     parser.add_argument("--timeout", type=float, default=1500.0, help="kill every worker after this many seconds")
+    parser.add_argument("--transports", default=",".join(TRANSPORTS),
+                        help="our side's pipeline.transport, comma-separated: shm, p2p (gloo) or both")
+    parser.add_argument("--alone", type=int, default=3,
+                        help="also run each tool alone under torchrun, alternating, this many times (0: skip)")
+    parser.add_argument("--alone-for", default=None,
+                        help="SCHEDULE:M,... run alone and timed as pipeline.train steps too, or 'all' "
+                             "(default: 1f1b:8 when run, else the first; none with --alone 0)")
     parser.add_argument("--worker-result", type=Path, default=None, help=argparse.SUPPRESS)  # set in workers
+    parser.add_argument("--solo", default=None, help=argparse.SUPPRESS)  # under torchrun: this one tool alone
+    parser.add_argument("--harness-round", action="store_true", help=argparse.SUPPRESS)  # one of the alone rounds
     args = parser.parse_args(argv)
     if args.quick:
-        args.model, args.steps, args.repeats, args.warmup = "tiny", 2, 2, 1
+        args.model, args.steps, args.repeats, args.warmup, args.alone = "tiny", 2, 2, 1, min(args.alone, 1)
+    args.transports = [t for t in args.transports.split(",") if t]
+    if not args.transports or sorted(set(args.transports)) != sorted(args.transports) \
+            or set(args.transports) - set(TRANSPORTS):
+        parser.error(f"--transports: one or more of {', '.join(TRANSPORTS)}, each once")
+    if args.alone < 0:
+        parser.error("--alone must be >= 0")
     args.schedules = [s for s in args.schedules.split(",") if s]
     unknown = sorted(set(args.schedules) - set(COMPARED))
     if unknown:
@@ -107,7 +136,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                      "(the built-in's static stage shapes need equal micro-batches)")
     if min(args.steps, args.repeats) < 1 or args.warmup < 0:
         parser.error("--steps and --repeats must be >= 1, --warmup >= 0")
+    args.alone_for = alone_configs(parser, args)
     return args
+
+
+def alone_configs(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list[list]:
+    """The [schedule, m] pairs --alone-for names, each one the invocation runs."""
+    run = [[s, m] for s in args.schedules for m in args.microbatches]
+    if args.alone_for == "none":
+        return []
+    if args.alone_for == "all":
+        return run
+    if args.alone_for is None:
+        return [] if args.alone == 0 else [["1f1b", 8]] if ["1f1b", 8] in run else run[:1]
+    named = []
+    for item in args.alone_for.split(","):
+        schedule, _, m = item.partition(":")
+        if not m.isdigit() or [schedule, int(m)] not in run:
+            parser.error(f"--alone-for {item!r}: expected SCHEDULE:M among this run's --schedules and --microbatches")
+        named.append([schedule, int(m)])
+    return named
 
 
 # ------------------------------------------------------------------------------------------------
@@ -117,16 +165,151 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
+    if args.solo is not None:
+        return solo(args)
     if args.worker_result is not None:
         return harness.worker_main(args.timeout, args.worker_result, lambda rank: Bench(args, rank).run())
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="vs_builtin_") as workdir:
         results = harness.launch(Path(__file__), argv, P, Path(workdir), args.timeout, "vs_builtin")
+        results["alone"] = [] if args.harness_round or args.alone == 0 else \
+            [run_alone(args, schedule, m, Path(workdir)) for schedule, m in args.alone_for]
     results["wall_s"] = time.perf_counter() - started
     results["source"] = harness.source_state()
     print(report(results))
     if args.json:
         harness.write_json(args.json, results)
+    return 0
+
+
+def tools(args: argparse.Namespace, trainer: bool) -> list[str]:
+    """What is timed: our side on each of --transports (with `trainer`, also as pipeline.train steps),
+    then the built-in, the ratios' reference."""
+    return [*args.transports, *((t + TRAIN for t in args.transports) if trainer else ()), BUILTIN_TOOL]
+
+
+def train_overrides(args: argparse.Namespace, schedule: str, m: int, transport: str, steps: int) -> list[str]:
+    """`python -m pipeline.train` overrides for Bench.conf's model, data and optimiser; every step logged
+    (train.log_every=1: each step's step_time_s, and each step's NaN check), no evaluation."""
+    mo = MODELS[args.model]
+    return [f"model.in_dim={mo['in_dim']}", f"model.out_dim={mo['classes']}",
+            f"model.hidden=[{','.join(map(str, mo['hidden']))}]", "model.activation=relu", "model.bias=true",
+            "model.dtype=float32", "data=synthetic", f"data.n={mo['batch']}", f"data.dim={mo['in_dim']}",
+            f"data.classes={mo['classes']}", "data.noise=0.0", "data.test_fraction=0.0", "data.shuffle=false",
+            "optim=sgd", f"optim.lr={LR}", "optim.momentum=0.0", "loss.l2=0.0", f"train.batch_size={mo['batch']}",
+            f"train.seed={SEED}", f"train.steps={steps}", "train.log_every=1", f"train.eval_every={steps}",
+            f"pipeline.schedule={schedule}", f"pipeline.microbatches={m}", f"pipeline.virtual_stages={stages_per_rank(schedule)}",
+            "pipeline.partition=uniform", f"pipeline.transport={transport}", "dist.backend=gloo", "dist.device=cpu"]
+
+
+def alone_once(args: argparse.Namespace, schedule: str, m: int, tool: str, workdir: Path) -> dict:
+    """One launch of one tool under torchrun: its timed steps' durations, and what it reports about itself."""
+    if tool.endswith(TRAIN):  # pipeline.train as a user runs it; its steps after the warm-up
+        warm, steps = args.warmup + 1, args.warmup + 1 + args.repeats * args.steps
+        overrides = train_overrides(args, schedule, m, tool.removesuffix(TRAIN), steps)
+        done = harness.torchrun_train(overrides, P, str(workdir), args.timeout)
+        if done.returncode != 0:
+            print((done.stdout + done.stderr)[-3000:], file=sys.stderr)
+            raise SystemExit(f"vs_builtin: error: torchrun -m pipeline.train {' '.join(overrides)} failed "
+                             f"with exit code {done.returncode}")
+        rows = [r for r in harness.metrics(workdir) if "step_time_s" in r and r["step"] > warm]
+        links = next((ln for ln in done.stdout.splitlines() if ln.startswith("pipeline: messages ")), "?")
+        return {"times": [r["step_time_s"] for r in rows], "links": links.removeprefix("pipeline: messages "),
+                "threads": "torchrun's", "work": None}
+    argv = ["--model", args.model, "--schedules", schedule, "--microbatches", str(m), "--steps", str(args.steps),
+            "--repeats", str(args.repeats), "--warmup", str(args.warmup), "--timeout", str(args.timeout), "--solo", tool]
+    return harness.torchrun_script(Path(__file__), argv, P, workdir, args.timeout, "vs_builtin")
+
+
+def harness_round(args: argparse.Namespace, schedule: str, m: int, workdir: Path) -> dict:
+    """One launch of the harness for one configuration, every tool of the alone runs in it; each tool's durations."""
+    argv = ["--model", args.model, "--schedules", schedule, "--microbatches", str(m), "--steps", str(args.steps),
+            "--repeats", str(args.repeats), "--warmup", str(args.warmup), "--timeout", str(args.timeout),
+            "--transports", ",".join(args.transports), "--no-refs", "--alone-for", f"{schedule}:{m}", "--harness-round"]
+    workdir.mkdir(parents=True)
+    (config,) = harness.launch(Path(__file__), argv, P, workdir, args.timeout, "vs_builtin")["configs"]
+    return {"times": config["times"], "work": config["work"]}
+
+
+def run_alone(args: argparse.Namespace, schedule: str, m: int, workdir: Path) -> dict:
+    """Each tool alone under torchrun (one launch, one process group, one tool per process), and between
+    them the harness with every tool (a launch of its own), alternating (H A B C, C B A H, ...) --alone
+    times, so that machine drift reaches both readings alike. Ours runs alone twice over: the harness's
+    Engine steps (the same code in a process of its own), and pipeline.train."""
+    names = tools(args, trainer=True)
+    readings = {how: {"times": {t: [] for t in names}, "run_medians": {t: [] for t in names}, "work": []}
+                for how in ("harness", "alone")}
+    for rep in range(args.alone):
+        for item in harness.alternating(["harness", *names], rep):
+            where = workdir / f"alone_{schedule}_{m}_{item.replace(' ', '_')}_{rep}"
+            if item == "harness":
+                out, tools_out = harness_round(args, schedule, m, where), names
+            else:
+                out, tools_out = alone_once(args, schedule, m, item, where), [item]
+                out["times"] = {item: out["times"]}
+            r = readings["harness" if item == "harness" else "alone"]
+            r["work"].append({"tool": item, "work": out["work"]})
+            for tool in tools_out:
+                r["times"][tool] += out["times"][tool]
+                r["run_medians"][tool].append(median(out["times"][tool]))
+            print(f"[vs_builtin] alone runs {schedule} m={m}, round {rep + 1}/{args.alone}: {item} "
+                  + " ".join(f"{t} {ms(r['run_medians'][t][-1])} ms" for t in tools_out)
+                  + (f" ({out['links']}, {out['threads']} thread(s))" if item != "harness" else ""),
+                  file=sys.stderr, flush=True)
+    for r in readings.values():
+        ref = r["run_medians"][BUILTIN_TOOL]
+        r["median_s"] = {t: median(r["times"][t]) for t in names}
+        r["ratio"] = {t: r["median_s"][t] / r["median_s"][BUILTIN_TOOL] for t in names[:-1]}
+        r["run_ratios"] = {t: [a / b for a, b in zip(r["run_medians"][t], ref)] for t in names[:-1]}
+    return {"schedule": schedule, "m": m, **readings}
+
+
+def work_figures(tool) -> dict:
+    """A tool's timed steps on this rank: the garbage collector's collections of each generation per 100
+    steps and its ms per step; CPU ms per step of the process (every thread) and of the main thread."""
+    n = max(tool.timed_steps, 1)
+    return {"per_100_steps": [100 * c / n for c in tool.gc.collections],
+            "ms_per_step": 1e3 * sum(tool.gc.seconds) / n, "steps": tool.timed_steps,
+            "cpu_ms_per_step": 1e3 * tool.cpu_s / n, "main_thread_cpu_ms_per_step": 1e3 * tool.main_cpu_s / n}
+
+
+def solo(args: argparse.Namespace) -> int:
+    """Under torchrun: one tool alone in this process, as a user would run it, in its own process group
+    (ours: connect starts it; the built-in: init_process_group). Warm-up, then --repeats blocks of
+    --steps steps timed as in the harness; rank 0 writes the durations to --worker-result."""
+    import json
+    from datetime import timedelta
+
+    import torch
+    import torch.distributed as dist
+
+    bench, schedule, m = Bench(args, int(os.environ["RANK"])), args.schedules[0], args.microbatches[0]
+    v = stages_per_rank(schedule)
+    if args.solo == BUILTIN_TOOL:
+        dist.init_process_group("gloo", timeout=timedelta(seconds=args.timeout))
+        tool, links = bench.builtin(schedule, m, v), "gloo"
+    else:  # "shm train": as pipeline.train steps (for a look at the difference from pipeline.train itself)
+        tool = bench.ours(schedule, m, v, args.solo.removesuffix(TRAIN), trainer=args.solo.endswith(TRAIN))
+        links = tool.links
+    try:
+        for _ in range(args.warmup + 1):
+            x, y = bench.next_batch()
+            tool.step(x, y, bench.step_no)
+        times = [t for _ in range(args.repeats) for t in bench.timed(tool, args.steps)]
+        work = harness.all_gather(work_figures(tool))
+        if dist.get_rank() == 0:
+            args.worker_result.write_text(json.dumps({"times": times, "threads": torch.get_num_threads(),
+                                                      "links": links, "work": work}))
+    finally:
+        if isinstance(tool, Ours):
+            tool.close()  # waits for the peer, then ends the group connect started
+        else:
+            # the stages hold the group: a group freed only at the interpreter's exit aborts it
+            # ("terminate called without an active exception", seen on rank 1 in 1 of 10 launches)
+            del tool
+            gc.collect()
+            dist.barrier()  # no rank tears its connections down while a peer still uses them
+            dist.destroy_process_group()
     return 0
 
 
@@ -151,11 +334,13 @@ def report(res: dict) -> str:
     lines = [f"## vs torch.distributed.pipelining: model={model} {res['model']['dims']} batch={res['model']['batch']} "
              f"float32 relu bias, SGD lr={LR}; p={P} (gloo, 1 thread each); steps={a['steps']} x repeats={a['repeats']}, "
              f"warmup={a['warmup']}; torch {res['torch']}; {res['cpus']} CPU(s)", ""]
+    transports = a["transports"]
     lines += harness.table(
-        ["schedule", "built-in (stages/rank)", "m", "ours ms", "built-in ms", "ours/built-in (per-repeat range)",
-         "T_seq ms", "stash ours r0/r1 KiB", "stash built-in r0/r1 KiB", "1-step grad diff"], "llrrrrrrrr",
-        ([c["schedule"], f"{c['builtin']} ({c['v']})", c["m"], ms(c["ours_s"]), ms(c["builtin_s"]),
-          f"**{c['ratio']:.2f}** ({min(c['repeat_ratios']):.2f}-{max(c['repeat_ratios']):.2f})",
+        ["schedule", "built-in (stages/rank)", "m", *(f"ours {t} ms" for t in transports), "built-in ms",
+         *(f"ours {t}/built-in (per-repeat range)" for t in transports), "T_seq ms", "stash ours r0/r1 KiB",
+         "stash built-in r0/r1 KiB", "1-step grad diff"], "llr" + "r" * (2 * len(transports) + 5),
+        ([c["schedule"], f"{c['builtin']} ({c['v']})", c["m"], *(ms(c["median_s"][t]) for t in transports),
+          ms(c["builtin_s"]), *(ratio_cell(c["ratios"][t], c["repeat_ratios"][t]) for t in transports),
           ms(c.get("seq_s", float("nan"))), " / ".join(kib(b) for b in c["stash_ours"]),
           " / ".join(kib(b) for b in c["stash_builtin"]), f"{c['grad_rel_diff']:.1e}"] for c in res["configs"]))
     param_diff = max(c["param_abs_diff"] for c in res["configs"])
@@ -182,9 +367,61 @@ def report(res: dict) -> str:
             f"{100 * (ov['ratio'] - 1):+.1f} %", "met" if ov["ratio"] <= 1 + OVERHEAD_TARGET else "missed"]])
     if any("breakdown" in c for c in res["configs"]):
         lines += ["", breakdown_table(res)]
+    if any(t + TRAIN in c["median_s"] for c in res["configs"] for t in a["transports"]):
+        lines += ["", logged_table(res)]
+    if res.get("alone"):
+        lines += ["", alone_table(res)]
     lines += ["", "### Targets", ""] + [f"- {t}" for t in targets(res)]
     lines += ["", f"wall time {res.get('wall_s', float('nan')):.0f} s; source {res.get('source', 'unknown')}"]
     return "\n".join(lines)
+
+
+def ratio_cell(ratio: float, per_repeat: list[float]) -> str:
+    return f"**{ratio:.2f}** ({min(per_repeat):.2f}-{max(per_repeat):.2f})"
+
+
+def logged_table(res: dict) -> str:
+    """In the harness, ours as pipeline.train steps a step it logs against ours' Engine steps: per repeat the
+    ratio of the two blocks' medians (timed in the same repeat, so drift cancels); their median and quartiles."""
+    import statistics
+
+    rows = []
+    for c in res["configs"]:
+        for t in res["args"]["transports"]:
+            if t + TRAIN in c["median_s"]:
+                per = [a / b for a, b in zip(c["repeat_ratios"][t + TRAIN], c["repeat_ratios"][t])]
+                quartiles = statistics.quantiles(per, n=4) if len(per) > 1 else per * 3
+                rows.append([c["schedule"], c["m"], t, ms(c["median_s"][t]), ms(c["median_s"][t + TRAIN]),
+                             f"**{median(per):.2f}** ({quartiles[0]:.2f}-{quartiles[2]:.2f})", len(per)])
+    return "\n".join(["### Ours as pipeline.train steps a logged step, against its Engine steps, in the harness", "",
+                      *harness.table(["schedule", "m", "our transport", "Engine steps ms", "logged steps ms",
+                                      "logged / Engine, median of the per-repeat ratios (quartiles)", "repeats"],
+                                     "lrlrrrr", rows)])
+
+
+def alone_table(res: dict) -> str:
+    """Each tool alone (its own torchrun launch) beside the same configuration in the harness: ours as the
+    harness steps it, and ours as pipeline.train steps (in the harness) or pipeline.train itself (alone)."""
+    a, rows = res["args"], []
+    for run in res["alone"]:
+        h, alone = run["harness"], run["alone"]
+        for name in (n for t in a["transports"] for n in (t, t + TRAIN)):
+            rows.append([run["schedule"], run["m"], name.removesuffix(TRAIN),
+                         "pipeline.train" if name.endswith(TRAIN) else "Engine steps",
+                         ms(h["median_s"][name]), ms(h["median_s"][BUILTIN_TOOL]), ratio_cell(h["ratio"][name], h["run_ratios"][name]),
+                         ms(alone["median_s"][name]), ms(alone["median_s"][BUILTIN_TOOL]),
+                         ratio_cell(alone["ratio"][name], alone["run_ratios"][name])])
+    return "\n".join([
+        f"### In the harness and each tool alone: {a['alone']} rounds, each a harness launch (every tool) and a "
+        f"torchrun launch per tool alone (one process group, no other tool in the process), in alternating order; "
+        f"{a['repeats']} x {a['steps']} timed steps per tool and launch", "",
+        *harness.table(["schedule", "m", "our transport", "ours timed as", "harness: ours ms", "harness: built-in ms",
+                        "harness: ours/built-in (per-round range)", "alone: ours ms", "alone: built-in ms",
+                        "alone: ours/built-in (per-round range)"], "lrllrrrrrr", rows), "",
+        "Engine steps: train_step + update, in the harness and alone (the same code). pipeline.train: alone, "
+        "`torchrun -m pipeline.train` itself (train.log_every=1, its step_time_s); in the harness, Engine steps "
+        "plus what pipeline.train adds to a step it logs (the NaN check's all-reduce over the ranks, the L2 term, "
+        "the loss read)."])
 
 
 def breakdown_table(res: dict) -> str:
@@ -206,6 +443,28 @@ def breakdown_table(res: dict) -> str:
                                      rows)])
 
 
+def shm_targets(res: dict) -> list[str]:
+    """Issue #15's: 1f1b at m = 8 over shm against the built-in, in the harness and alone, and how far
+    our step is from the limit T_seq / (p (1 − bubble)) (unit costs) where T_seq was measured."""
+    model, out = res["args"]["model"], []
+    c = next((c for c in res["configs"] if c["schedule"] == "1f1b" and c["m"] == 8 and "shm" in c["median_s"]), None)
+    if c is None or model not in SHM_TARGET:
+        return out
+    limit = SHM_TARGET[model]
+    alone = next((r for r in res.get("alone", []) if (r["schedule"], r["m"]) == ("1f1b", 8)), None)
+    readings = [("in the harness", c["ratios"]["shm"])]
+    if alone is not None:
+        readings += [("alone", alone["alone"]["ratio"]["shm"]),
+                     ("alone as pipeline.train", alone["alone"]["ratio"]["shm" + TRAIN])]
+    out.append(f"issue #15: 1f1b m=8 over shm ≤ {limit}× built-in: "
+               + "; ".join(f"{how} {r:.2f} {'met' if r <= limit else 'MISSED'}" for how, r in readings))
+    if "seq_s" in c:
+        bound = c["seq_s"] / (P * c["ideal_unit"])
+        out.append(f"1f1b m=8 over shm against its limit T_seq / (p (1 − bubble)) = {ms(bound)} ms: "
+                   f"{ms(c['median_s']['shm'])} ms, {c['median_s']['shm'] / bound:.2f}× the limit")
+    return out
+
+
 def targets(res: dict) -> list[str]:
     out, model, configs = [], res["args"]["model"], res["configs"]
     limit = RATIO_TARGET.get(model)
@@ -215,8 +474,9 @@ def targets(res: dict) -> list[str]:
                    f"worst {worst['ratio']:.2f} ({worst['schedule']}, m={worst['m']})")
     else:
         missed = [f"{c['schedule']} m={c['m']}: {c['ratio']:.2f}" for c in configs if c["ratio"] > limit]
-        out.append(f"ours ≤ {limit}× built-in step time for every schedule and m: "
+        out.append(f"ours ({configs[0]['transport']}) ≤ {limit}× built-in step time for every schedule and m: "
                    + ("met" if not missed else f"MISSED ({len(missed)}/{len(configs)}: {'; '.join(missed)})"))
+    out += shm_targets(res)
     eff = [c for c in configs if c["m"] == res["efficiency_m"] and "seq_s" in c]
     if eff:
         missed = [f"{c['schedule']}: E={c['E_ours']:.3f} < {EFFICIENCY_FRACTION * c['ideal_unit']:.3f}"
@@ -289,12 +549,13 @@ class Bench:
             "trace": {"enabled": bool(self.args.breakdown)},
         })
 
-    def ours(self, schedule: str, m: int, v: int, single: bool = False) -> "Ours":
+    def ours(self, schedule: str, m: int, v: int, transport: str = "shm", single: bool = False,
+             trainer: bool = False) -> "Ours":
         from pipeline.runtime.distributed import Env, read_env
 
         if single:  # p = 1, every stage in this process, in-process transport
             return Ours(self.conf(schedule, m, v, "inprocess", 1), self.spec, Env(0, 1, 0, 1, None), 1)
-        return Ours(self.conf(schedule, m, v, "p2p", None), self.spec, read_env(), P)
+        return Ours(self.conf(schedule, m, v, transport, None), self.spec, read_env(), P, trainer)
 
     def builtin(self, schedule: str, m: int, v: int) -> "Builtin":
         return Builtin(self.spec, self.init, schedule, m, v, self.rank, self.batch)
@@ -311,30 +572,36 @@ class Bench:
 
         if distributed:
             dist.barrier()
-        stamps = [time.perf_counter()]
-        for _ in range(steps):
-            x, y = self.next_batch()
-            tool.step(x, y, self.step_no)
-            stamps.append(time.perf_counter())
-            if record:
-                self.timed_steps.add(self.step_no)
+        stamps, cpu, main = [time.perf_counter()], time.process_time(), time.thread_time()
+        with tool.gc:
+            for _ in range(steps):
+                x, y = self.next_batch()
+                tool.step(x, y, self.step_no)
+                stamps.append(time.perf_counter())
+                if record:
+                    self.timed_steps.add(self.step_no)
+        tool.main_cpu_s += time.thread_time() - main  # this thread: the tool's Python, kernels and sends
+        tool.cpu_s += time.process_time() - cpu  # every thread: also gloo's I/O loop (receives, notifications)
+        tool.timed_steps += steps
         return harness.durations(stamps, distributed)
 
-    def check_step(self, ours: "Ours", builtin: "Builtin") -> tuple[float, float]:
-        """One step of each from the same weights on the same batch:
+    def check_step(self, ours: list["Ours"], builtin: "Builtin") -> tuple[float, float]:
+        """One step of each from the same weights on the same batch, the worst over our engines:
         (max |θ_ours − θ_builtin| after the update, max |g_ours − g_builtin| / max |g_builtin| of the gradients)."""
         x, y = self.batches[0]
-        ours.step(x, y, 0)
         builtin.step(x, y, 0)
-        po, pb = ours.params(), builtin.params()
-        if sorted(po) != sorted(pb):
-            raise AssertionError(f"rank {self.rank}: layers {sorted(po)} (ours) vs {sorted(pb)} (built-in)")
+        pb = builtin.params()
         param_diff = grad_diff = grad_max = 0.0
-        for i in po:
-            for a, b in zip(po[i], pb[i]):
-                param_diff = max(param_diff, float((a - b).abs().max()))
-                grad_diff = max(grad_diff, float((a.grad - b.grad).abs().max()))
-                grad_max = max(grad_max, float(b.grad.abs().max()))
+        for engine in ours:
+            engine.step(x, y, 0)
+            po = engine.params()
+            if sorted(po) != sorted(pb):
+                raise AssertionError(f"rank {self.rank}: layers {sorted(po)} (ours) vs {sorted(pb)} (built-in)")
+            for i in po:
+                for a, b in zip(po[i], pb[i]):
+                    param_diff = max(param_diff, float((a - b).abs().max()))
+                    grad_diff = max(grad_diff, float((a.grad - b.grad).abs().max()))
+                    grad_max = max(grad_max, float(b.grad.abs().max()))
         return harness.max_all(param_diff), harness.max_all(grad_diff) / harness.max_all(grad_max)
 
     # --- the run ----------------------------------------------------------------------------
@@ -370,14 +637,15 @@ class Bench:
 
     def run_config(self, schedule: str, m: int, v: int) -> dict:
         a = self.args
-        ours, builtin = self.ours(schedule, m, v), self.builtin(schedule, m, v)
-        seq = None
+        names = tools(a, trainer=[schedule, m] in a.alone_for)[:-1]  # as pipeline.train steps where also run alone
+        ours = {name: self.ours(schedule, m, v, name.removesuffix(TRAIN), trainer=name.endswith(TRAIN)) for name in names}
+        builtin, seq = self.builtin(schedule, m, v), None
         try:
-            param_diff, grad_diff = self.check_step(ours, builtin)
+            param_diff, grad_diff = self.check_step(list(ours.values()), builtin)
             for _ in range(a.warmup):
                 x, y = self.next_batch()
-                ours.step(x, y, self.step_no)
-                builtin.step(x, y, self.step_no)
+                for tool in (*ours.values(), builtin):
+                    tool.step(x, y, self.step_no)
             x, y = self.next_batch()
             builtin_stash = builtin.measured_step(x, y)  # untimed: the hooks cost time
             seq_times: list[float] = []  # T_seq: rank 0 alone, after each repeat
@@ -387,24 +655,31 @@ class Bench:
                     seq = self.ours(schedule, m, v, single=True)
                     self.timed(seq, a.warmup + 1, distributed=False, record=False)
                 harness.alone(warm_seq)
+            timed = {name: (lambda tool=tool: self.timed(tool, a.steps))
+                     for name, tool in [*ours.items(), (BUILTIN_TOOL, builtin)]}
             times, repeat_ratios = harness.alternate(
-                {"ours": lambda: self.timed(ours, a.steps), "builtin": lambda: self.timed(builtin, a.steps)}, a.repeats,
-                after=(lambda: None) if a.no_refs else
+                timed, a.repeats, after=(lambda: None) if a.no_refs else
                 lambda: harness.alone(lambda: seq_times.extend(self.timed(seq, a.steps, distributed=False))))
-            stash_ours = harness.gather(ours.stash_bytes())
+            first = ours[a.transports[0]]
+            work = harness.all_gather({name: work_figures(tool) for name, tool in [*ours.items(), (BUILTIN_TOOL, builtin)]})
+            stash_ours = harness.gather(first.stash_bytes())
             stash_builtin = harness.gather(builtin_stash)
             builtin_live_after = harness.gather(builtin.live_after_step)
             if a.breakdown:
-                breakdown = harness.all_gather(ours.breakdown(self.timed_steps))
+                breakdown = harness.all_gather(first.breakdown(self.timed_steps))
                 seq_breakdown = harness.broadcast(seq.breakdown(self.timed_steps) if seq is not None else {})
         finally:
-            ours.close()
+            for tool in ours.values():
+                tool.close()
             if seq is not None:
                 seq.close()
+        medians = {name: median(t) for name, t in times.items()}
         result = {"schedule": schedule, "builtin": BUILTIN[schedule], "m": m, "v": v,
-                  "ours_s": median(times["ours"]), "builtin_s": median(times["builtin"]),
-                  "ours_times": times["ours"], "builtin_times": times["builtin"],
-                  "repeat_ratios": repeat_ratios, "stash_ours": stash_ours, "stash_builtin": stash_builtin,
+                  "transport": a.transports[0], "ours_s": medians[a.transports[0]], "builtin_s": medians[BUILTIN_TOOL],
+                  "median_s": medians, "times": times, "repeat_ratios": repeat_ratios,
+                  "ratios": {t: medians[t] / medians[BUILTIN_TOOL] for t in names},
+                  "links": {t: tool.links for t, tool in ours.items()}, "work": work,
+                  "stash_ours": stash_ours, "stash_builtin": stash_builtin,
                   "builtin_saved_bytes_after_step": builtin_live_after,
                   "param_abs_diff": param_diff, "grad_rel_diff": grad_diff}
         result["ratio"] = result["ours_s"] / result["builtin_s"]
@@ -434,7 +709,7 @@ class Bench:
         harness.alone(measure)
         times, ratios = harness.broadcast(box)
         ours_s, plain_s = median(times["ours"]), median(times["plain"])
-        return {"ours_s": ours_s, "plain_s": plain_s, "ratio": ours_s / plain_s, "repeat_ratios": ratios,
+        return {"ours_s": ours_s, "plain_s": plain_s, "ratio": ours_s / plain_s, "repeat_ratios": ratios["ours"],
                 "ours_times": times["ours"], "plain_times": times["plain"]}
 
     def ideal(self, schedule: str, m: int, v: int) -> tuple[float, float]:
@@ -459,23 +734,42 @@ class Bench:
 class Ours:
     """This project's Engine over the already initialised process group (or in-process for p = 1)."""
 
-    def __init__(self, conf, spec, env, world_size: int):
+    def __init__(self, conf, spec, env, world_size: int, trainer: bool = False):
+        from pipeline.planning.costs import channel_bytes
+        from pipeline.training.trainer import FirstBadLoss
         from pipeline.planning.planner import make_plan
         from pipeline.runtime.distributed import connect
         from pipeline.training.engine import Engine
 
         plan = make_plan(conf, spec, world_size, eval_rows=0)
-        self._connection = connect(env, plan.num_ranks, conf.pipeline.transport, conf.dist)
-        comm = self._connection.__enter__()  # reuses the group: closing it later destroys nothing
+        ring_bytes = channel_bytes(spec, list(plan.stage_layers), conf.train.batch_size, plan.num_microbatches)
+        self._connection = connect(env, plan.num_ranks, conf.pipeline.transport, conf.dist, ring_bytes)
+        comm = self._connection.__enter__()  # in the harness it reuses the group: closing it destroys nothing
+        self.links = comm.links  # how the messages travel, in words (what pipeline.train prints first)
         self.engine = Engine(conf, spec, plan, comm)
+        self.trainer, self.first_bad = trainer, FirstBadLoss()
+        self.gc, self.timed_steps, self.cpu_s, self.main_cpu_s = harness.GcClock(), 0, 0.0, 0.0  # the garbage collector's work in timed steps
         self.spans: list[tuple[int, int, int, int]] = []  # (step, start, after train_step, after update) in ns
 
     def step(self, x, y, step: int) -> None:
+        """train_step and update; as pipeline.train steps (`trainer`), also what it adds to a step it logs
+        (train.log_every=1): the loss's NaN watch, the L2 term, the NaN check's sum over the pipeline's
+        ranks (a collective: every rank waits for the others) and the loss read on its rank."""
+        from pipeline.training.trainer import check_finite
+
         e = self.engine
         start = time.perf_counter_ns()
-        e.train_step(x if e.holds_first else None, y if e.holds_last else None, step)
+        loss = e.train_step(x if e.holds_first else None, y if e.holds_last else None, step)
         middle = time.perf_counter_ns()
-        e.update()
+        if self.trainer:
+            self.first_bad.see(loss, step)
+            regulariser = e.local_regulariser()
+            e.update()
+            check_finite(e, step, regulariser, self.first_bad, None)
+            if e.holds_last:
+                e.batch_loss(loss)
+        else:
+            e.update()
         self.spans.append((step, start, middle, time.perf_counter_ns()))
 
     def breakdown(self, steps: set[int]) -> dict[str, float]:
@@ -550,6 +844,7 @@ class Builtin:
         self.optimizer = torch.optim.SGD(self.params_list, lr=LR, momentum=0.0)
         self.holds_first = any(st.is_first for st in self.stages)
         self.holds_last = any(st.is_last for st in self.stages)
+        self.gc, self.timed_steps, self.cpu_s, self.main_cpu_s = harness.GcClock(), 0, 0.0, 0.0
 
     def step(self, x, y, step: int) -> None:
         self.optimizer.zero_grad()
@@ -614,6 +909,7 @@ class Plain:
 
         self.model = torch_stage_modules(spec, init, 0, spec.num_layers)
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=LR, momentum=0.0)
+        self.gc, self.timed_steps, self.cpu_s, self.main_cpu_s = harness.GcClock(), 0, 0.0, 0.0
 
     def step(self, x, y, step: int) -> None:
         import torch.nn.functional as F

@@ -1,4 +1,4 @@
-"""benchmarks/vs_builtin.py --quick: two processes, a tiny model, every schedule against the built-in."""
+"""The benchmark scripts' smallest runs: vs_builtin (both transports, each tool alone), quickstart, gpu_check, latency."""
 
 from __future__ import annotations
 
@@ -28,18 +28,20 @@ def table_rows(stdout: str) -> dict[str, list[str]]:
     return rows
 
 
-def test_quick_run_compares_every_schedule(tmp_path):
+def test_quick_run_compares_every_schedule_on_both_transports(tmp_path):
     out = tmp_path / "raw.json"
-    result = subprocess.run([sys.executable, "benchmarks/vs_builtin.py", "--quick", "--json", str(out)],
+    result = subprocess.run([sys.executable, "benchmarks/vs_builtin.py", "--quick", "--alone", "0", "--json", str(out)],
                             cwd=ROOT, capture_output=True, text=True, timeout=170)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "| ours shm ms | ours p2p ms | built-in ms | ours shm/built-in" in result.stdout
     rows = table_rows(result.stdout)
     assert sorted(rows) == sorted(SCHEDULES), result.stdout
     for schedule, cells in rows.items():
-        ours, builtin = float(cells[3]), float(cells[4])
-        ratio = float(cells[5].split()[0].strip("*"))
-        for value in (ours, builtin, ratio):
+        shm, p2p, builtin = (float(c) for c in cells[3:6])
+        ratios = [float(c.split()[0].strip("*")) for c in cells[6:8]]
+        for value in (shm, p2p, builtin, *ratios):
             assert math.isfinite(value) and value > 0, (schedule, cells)
+        assert math.isclose(ratios[0], shm / builtin, rel_tol=0.02, abs_tol=0.01), cells
     raw = json.loads(out.read_text())
     assert {c["schedule"] for c in raw["configs"]} == set(SCHEDULES)
     for c in raw["configs"]:
@@ -47,8 +49,101 @@ def test_quick_run_compares_every_schedule(tmp_path):
         assert c["grad_rel_diff"] < 1e-5 and c["param_abs_diff"] < 1e-5, c
         assert all(b > 0 for b in c["stash_ours"] + c["stash_builtin"]), c
         assert c["ours_s"] > 0 and c["builtin_s"] > 0 and c["seq_s"] > 0
+        assert sorted(c["median_s"]) == ["built-in", "p2p", "shm"], c["median_s"]
+        assert "shm" in c["links"]["shm"] and "p2p" in c["links"]["p2p"], c["links"]
+        for rank in c["work"]:  # CPU and garbage collector per timed step, every tool, every rank
+            assert all(w["steps"] == 4 and w["cpu_ms_per_step"] > 0 for w in rank.values()), rank
     assert raw["overhead"]["ratio"] > 0
     assert "### Targets" in result.stdout
+    assert raw["alone"] == []
+
+
+def test_each_tool_alone_under_torchrun_beside_the_harness(tmp_path):
+    """One alternation: ours (shm) as the harness steps it, as pipeline.train, and the built-in, each in a
+    torchrun launch of its own; the table puts each ratio beside the harness's (p2p alone: the same code)."""
+    out = tmp_path / "raw.json"
+    result = subprocess.run([sys.executable, "benchmarks/vs_builtin.py", "--quick", "--schedules", "1f1b", "--no-refs",
+                             "--transports", "shm", "--json", str(out)], cwd=ROOT, capture_output=True, text=True,
+                            timeout=170)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    (run,) = json.loads(out.read_text())["alone"]
+    tools = ["shm", "shm train", "built-in"]
+    assert (run["schedule"], run["m"]) == ("1f1b", 4)
+    for how in ("harness", "alone"):  # the round's harness launch, and each tool's own launch
+        assert sorted(run[how]["median_s"]) == sorted(tools)
+        for tool in tools:  # repeats x steps of the one round
+            assert len(run[how]["times"][tool]) == 2 * 2 and all(t > 0 for t in run[how]["times"][tool]), (how, tool)
+    section = result.stdout.split("### In the harness and each tool alone")[1].split("###")[0]
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in section.splitlines() if line.startswith("| 1f1b")]
+    assert [(r[2], r[3]) for r in rows] == [("shm", "Engine steps"), ("shm", "pipeline.train")], section
+    for r in rows:
+        harness_ms, harness_builtin, alone_ms, alone_builtin = float(r[4]), float(r[5]), float(r[7]), float(r[8])
+        harness_ratio, alone_ratio = (float(r[i].split()[0].strip("*")) for i in (6, 9))
+        assert min(harness_ms, harness_builtin, alone_ms, alone_builtin, harness_ratio, alone_ratio) > 0, r
+        assert math.isclose(alone_ratio, alone_ms / alone_builtin, rel_tol=0.02, abs_tol=0.01), r
+
+
+def test_the_alone_runs_train_the_harness_model(tmp_path):
+    """pipeline.train's overrides for the alone run compose to the config the harness builds."""
+    from pipeline.config import compose
+
+    vs_builtin = load("vs_builtin")
+    args = vs_builtin.parse_args(["--model", "small", "--schedules", "1f1b"])
+    assert args.alone_for == [["1f1b", 8]] and args.transports == ["shm", "p2p"]
+    mine = vs_builtin.Bench(args, 0).conf("1f1b", 8, 1, "p2p", None)
+    theirs = compose(vs_builtin.train_overrides(args, "1f1b", 8, "p2p", 25))
+    for part in ("model", "data", "optim", "loss", "pipeline"):
+        assert getattr(mine, part) == getattr(theirs, part), part
+    assert (theirs.train.steps, theirs.train.log_every, theirs.train.batch_size) == (25, 1, 64)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--transports", "shm,tcp"], "--transports"), (["--transports", "shm,shm"], "--transports"),
+    (["--alone", "-1"], "--alone"), (["--alone-for", "1f1b:16"], "--alone-for"), (["--alone-for", "1f1b"], "--alone-for")])
+def test_vs_builtin_bad_options_are_refused(argv, message):
+    result = subprocess.run([sys.executable, "benchmarks/vs_builtin.py", "--quick", *argv], cwd=ROOT,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and message in result.stderr.strip().splitlines()[-1], result.stderr
+
+
+def test_alternate_times_every_tool_against_the_last():
+    harness = load("harness")
+    order: list[str] = []
+
+    def tool(name: str, seconds: float):
+        return lambda: order.append(name) or [seconds, seconds]
+
+    times, ratios = harness.alternate({"a": tool("a", 1.0), "b": tool("b", 3.0), "ref": tool("ref", 2.0)}, 2)
+    assert order == ["a", "b", "ref", "ref", "b", "a"]  # the order reverses every other repeat
+    assert times == {"a": [1.0] * 4, "b": [3.0] * 4, "ref": [2.0] * 4}
+    assert ratios == {"a": [0.5, 0.5], "b": [1.5, 1.5]}
+
+
+def test_quickstart_times_one_process_against_both_transports(tmp_path):
+    out = tmp_path / "raw.json"
+    result = subprocess.run([sys.executable, "benchmarks/quickstart.py", "--steps", "5", "--repeats", "1",
+                             "--json", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=170)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    rows = {cells[0]: cells for cells in ([c.strip() for c in line.strip("|").split("|")]
+                                          for line in result.stdout.splitlines() if line.startswith("| p=")) }
+    assert sorted(rows) == sorted(["p=1", "p=1 1 thread", "p=2 shm", "p=2 p2p", "p=2 shm / p=1",
+                                   "p=2 shm / p=1 1 thread", "p=2 p2p / p=1", "p=2 p2p / p=1 1 thread"]), result.stdout
+    assert "shm" in rows["p=2 shm"][1] and "p2p" in rows["p=2 p2p"][1]
+    for run in ("p=1", "p=1 1 thread", "p=2 shm", "p=2 p2p"):
+        assert all(float(cell) > 0 for cell in rows[run][2:]), rows[run]  # training and wall seconds
+    raw = json.loads(out.read_text())["runs"]
+    for run in ("p=2 shm", "p=2 p2p"):
+        ratio = float(rows[f"{run} / p=1"][1].split()[0].strip("*"))
+        assert math.isclose(ratio, raw[run][0]["train_s"] / raw["p=1"][0]["train_s"], rel_tol=0.02, abs_tol=0.01)
+    assert [r[0]["ranks"] for r in raw.values()] == [1, 1, 2, 2]
+    target = [line for line in result.stdout.splitlines() if line.startswith("- target: p=2 over shm")]
+    assert len(target) == 1 and target[0].endswith(("met", "MISSED")), result.stdout
+
+
+def test_quickstart_bad_input_exits_2():
+    result = subprocess.run([sys.executable, "benchmarks/quickstart.py", "--steps", "0"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "--steps" in result.stderr.strip().splitlines()[-1]
 
 
 def test_bad_microbatches_are_refused():
