@@ -764,12 +764,12 @@ class Ours:
         if self.trainer:
             self.first_bad.see(loss, step)
             regulariser = e.local_regulariser()
-            e.update()
-            check_finite(e, step, regulariser, self.first_bad, None)
+            pending = e.update(step, measure=True)
+            check_finite(e, step, regulariser, self.first_bad, None, pending)
             if e.holds_last:
                 e.batch_loss(loss)
         else:
-            e.update()
+            e.update(step)
         self.spans.append((step, start, middle, time.perf_counter_ns()))
 
     def breakdown(self, steps: set[int]) -> dict[str, float]:

@@ -16,9 +16,9 @@ def main() -> None:
     pause = float(sys.argv.pop(1))
     update = engine.Engine.update
 
-    def slow_update(self) -> None:
+    def slow_update(self, *args, **kwargs) -> list[float]:
         time.sleep(pause)
-        update(self)
+        return update(self, *args, **kwargs)
 
     engine.Engine.update = slow_update
     runpy.run_module("pipeline.train", run_name="__main__", alter_sys=True)  # as `python -m pipeline.train`
