@@ -62,7 +62,7 @@ def one_process(args: argparse.Namespace) -> dict[str, list[float]]:
             for c in alternating(DTYPES, step - 1):
                 start = time.perf_counter()
                 engines[c].train_step(x_train[rows], y_train[rows], step)
-                engines[c].update()
+                engines[c].update(step)
                 times[c].append(time.perf_counter() - start)
     return {c: t[args.warmup:] for c, t in times.items()}
 

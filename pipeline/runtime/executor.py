@@ -177,12 +177,12 @@ class Runtime:
         r.peak_stash_bytes = max(r.peak_stash_bytes, sum(st.stash_bytes.values()))
 
     def _loss(self, s: int, mb: int, o: Tensor) -> None:
+        o = o.to(self.stages[s].dtype)  # L and dJ/do in model.dtype (float32) from the compute-dtype output
         if not self.state.training:
             self.result.outputs[mb] = o  # forward only: o is what prediction returns
             if mb not in self.state.labels:
                 return  # no labels (prediction): no loss
         y = self.state.labels.pop(mb)
-        o = o.to(self.stages[s].dtype)  # L and dJ/do in model.dtype (float32) from the compute-dtype output
         share, d_o = objective.loss_and_grad(self.loss_name, o, y, self.state.batch_size)
         self.result.loss = share if self.result.loss is None else self.result.loss + share
         if self.state.training:
