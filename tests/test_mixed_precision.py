@@ -65,8 +65,9 @@ def test_compute_dtype_is_null_by_default_and_takes_bfloat16():
      "model.dtype=float32 or model.compute_dtype=null"),
 ])
 def test_a_bad_compute_dtype_is_one_line_and_exit_code_2(overrides, message, capsys):
-    with pytest.raises(ConfigError, match="^" + message.replace("(", r"\(").replace(")", r"\)") + "$"):
+    with pytest.raises(ConfigError) as refused:
         config.parse(make_cfg(*overrides))
+    assert str(refused.value) == message
     with pytest.raises(SystemExit) as stopped:
         memory.main(["--ranks", "1", *overrides])
     err = capsys.readouterr().err.strip()
@@ -143,8 +144,9 @@ def test_a_resumed_bfloat16_run_equals_an_uninterrupted_one(tmp_path):
 
 @pytest.mark.timeout(240)
 def test_bfloat16_over_torchrun_with_replicas_equals_one_device(single_device, tmp_path):
-    """p = 2 x d = 2 processes (shared-memory messages, gloo all-reduce), 1 micro-batch per replica: each
-    replica's rows are one of single-device's 2 micro-batches, and float32 sums g0 + g1 alike."""
+    """p = 2 x d = 2 processes (pipeline.transport=auto: shared memory on one host; gloo's all-reduce), one
+    micro-batch per replica: each replica's rows are one of single-device's 2 micro-batches, and float32
+    sums g0 + g1 alike, so the weights are equal bit for bit."""
     overrides = ["model.hidden=[6,5,6,5,6,5,6]", "model.activation=tanh", "model.compute_dtype=bfloat16",
                  "data=synthetic", "data.n=60", "data.dim=5", "data.classes=3", "data.seed=1",
                  "optim.lr=0.2", "optim.momentum=0.5", "pipeline.microbatches=1", "parallel.dp=2",
