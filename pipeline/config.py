@@ -15,7 +15,7 @@ from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from pipeline.errors import ConfigError
 from pipeline.mlp.layers import ACTIVATIONS
-from pipeline.mlp.model import DTYPES
+from pipeline.mlp.model import COMPUTE_DTYPES, DTYPES
 from pipeline.mlp.objective import LOSSES
 from pipeline.schedules.registry import SCHEDULES
 
@@ -51,6 +51,7 @@ class ModelConfig:
     activation: str
     bias: bool
     dtype: str
+    compute_dtype: str | None = None  # bfloat16: F, B, W and the messages from a copy of the float32 weights
 
 
 @dataclass(frozen=True)
@@ -254,7 +255,21 @@ def _model(raw: Mapping[str, Any]) -> ModelConfig:
         activation=_choice("model.activation", raw.get("activation"), ACTIVATIONS),
         bias=_bool("model.bias", raw.get("bias")),
         dtype=_choice("model.dtype", raw.get("dtype"), DTYPES),
+        compute_dtype=_compute_dtype(raw.get("compute_dtype"), raw.get("dtype")),
     )
+
+
+def _compute_dtype(value: Any, dtype: str) -> str | None:
+    """model.compute_dtype: null (compute in model.dtype) or bfloat16, which keeps float32 weights."""
+    if value is None:
+        return None
+    if value not in COMPUTE_DTYPES:
+        raise ConfigError(f"model.compute_dtype={value!r} is unknown; pick null (compute in model.dtype) or "
+                          f"{', '.join(COMPUTE_DTYPES)}")
+    if dtype != "float32":
+        raise ConfigError(f"model.compute_dtype={value} computes from a copy of float32 weights, but model.dtype="
+                          f"{dtype}; set model.dtype=float32 or model.compute_dtype=null")
+    return value
 
 
 def _data(raw: Mapping[str, Any]) -> DataConfig:

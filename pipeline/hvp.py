@@ -50,7 +50,7 @@ def _hvp_command(args: argparse.Namespace) -> int:
     name, l2 = conf.loss.name, conf.loss.l2
     print(f"model {'-'.join(map(str, spec.dims))} {spec.activation} {'bias' if spec.bias else 'no bias'}, "
           f"{name}, lambda={l2:g}, batch {len(rows)} of {data.source}")
-    spec64 = replace(spec, dtype="float64")
+    spec64 = replace(spec, dtype="float64", compute_dtype=None)
     layers = build_layers(spec64, conf.train.seed, range(spec.num_layers))
     x, y = as_tensors(data.x_train[rows], data.y_train[rows], spec64)
     v = random_direction(layers, conf.train.seed)
@@ -75,7 +75,7 @@ def _print_timing(spec: MLPSpec, seed: int, data, rows, name: str, l2: float, ar
                               "hvp": lambda: hvp(layers, x, y, name, l2, v)}, args.repeats)
     finally:
         torch.set_num_threads(threads)  # as it was: main() may run inside another program (the tests)
-    print(f"time ({spec.dtype}, {args.threads} thread(s), median of {args.repeats} after a warm-up): "
+    print(f"time ({spec.precision}, {args.threads} thread(s), median of {args.repeats} after a warm-up): "
           f"gradient {times['gradient'] * 1e3:.3f} ms, hvp {times['hvp'] * 1e3:.3f} ms, "
           f"hvp/gradient {times['hvp'] / times['gradient']:.2f}")
 

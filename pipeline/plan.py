@@ -39,7 +39,7 @@ def _plan_command(args: argparse.Namespace) -> int:
                else (lambda stages, rows: flop_costs(spec, stages, rows)))
     ranked = options(conf, spec, args.ranks, cost_of, args.memory_gib)
     budget = "no budget" if args.memory_gib is None else f"{args.memory_gib:g} GiB per rank"
-    print(f"model {'-'.join(map(str, spec.dims))} {spec.dtype}, batch {conf.train.batch_size}, p={args.ranks}, "
+    print(f"model {'-'.join(map(str, spec.dims))} {spec.precision}, batch {conf.train.batch_size}, p={args.ranks}, "
           f"{budget}, costs {'measured here' if args.measure else 'from FLOP counts'}")
     print(format_options(ranked, args.top))
     best = ranked[0] if ranked and ranked[0].fits else None

@@ -116,7 +116,7 @@ def _print_header(pred, conf, costs: str) -> None:
     """The first line: schedule, model, batch, where the costs and the message latency came from."""
     plan, spec = pred.plan, pred.spec
     print(f"{plan.schedule}: p={plan.num_ranks} m={plan.num_microbatches} v={plan.virtual_stages}, model "
-          f"{'-'.join(map(str, spec.dims))} {spec.dtype}, batch {conf.train.batch_size}, costs {costs}, "
+          f"{'-'.join(map(str, spec.dims))} {spec.precision}, batch {conf.train.batch_size}, costs {costs}, "
           f"transport {pred.transport}, message latency {pred.latency_s * 1e3:.3f} ms ({pred.latency_source})")
 
 

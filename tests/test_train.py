@@ -82,7 +82,7 @@ def test_cli_trains_under_python_and_torchrun(tmp_path):
     # and 8 x (6 + 1) + 5 x (8 + 1) + 3 x (5 + 1) = 119 parameters, as many gradients, no state (plain SGD)
     assert rows(tmp_path / "a")[-1] == {"step": 12, "peak_stash": [1], "peak_awaiting_b": [1],
                                         "peak_stash_bytes": [5 * 19 * 4], "param_bytes": [119 * 4],
-                                        "grad_bytes": [119 * 4], "optimizer_bytes": [0]}
+                                        "grad_bytes": [119 * 4], "optimizer_bytes": [0], "sent_bytes": [0]}
     result = run_cli("torch.distributed.run", "--standalone", "--nproc-per-node=1", "-m", "pipeline.train",
                      *SMALL, f"hydra.run.dir={tmp_path / 'b'}")
     assert result.returncode == 0, result.stderr

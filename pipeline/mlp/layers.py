@@ -10,6 +10,11 @@ Tensors hold a micro-batch as rows, so `W x` is written `x @ W.T` and the outer 
 `dJ/dz x^T` sums over the rows: `dz.T @ x`. The regulariser's share of dJ/dW (lambda W) is
 added once per step by `objective.add_regulariser_grad`, not once per micro-batch.
 No autograd: every derivative below is written by hand (autograd is the oracle in the tests).
+
+Mixed precision (model.compute_dtype=bfloat16): W and b stay in model.dtype (float32) for the
+optimizer; the three operations use a bfloat16 copy of them, refreshed by `cast_weights` once per
+step after the update. Each operation rounds what enters it (the data, dJ/do) to bfloat16, so
+x, z, h and dJ/dz are all bfloat16, and the bfloat16 products dJ/dz x^T are added into a float32 .grad.
 """
 
 from __future__ import annotations
@@ -91,12 +96,41 @@ class Saved:
 class Layer:
     """A linear map followed by an optional element-wise activation (None on the output layer)."""
 
-    def __init__(self, index: int, weight: Tensor, bias: Tensor | None, activation: str | None):
+    def __init__(self, index: int, weight: Tensor, bias: Tensor | None, activation: str | None,
+                 compute_dtype: torch.dtype | None = None):
         self.index = index  # global layer index: the same whatever the split into stages
         self.weight = weight
         self.bias = bias
         self.activation = activation
         self.act = ACTIVATIONS[activation] if activation else None
+        self.compute_dtype = compute_dtype or weight.dtype  # x, z, h, dJ/dz and the messages are held in it
+        self._copies: list[Tensor | None] | None = None  # W and b in compute_dtype, when it is not W's dtype
+        self.cast_weights()
+
+    def cast_weights(self) -> None:
+        """Round W and b into their compute-dtype copies (in place after the first time); with one
+        dtype for both there is no copy and the operations read W and b themselves."""
+        if self.compute_dtype == self.weight.dtype:
+            self._copies = None
+        elif self._copies is None:
+            self._copies = [p.to(self.compute_dtype) if p is not None else None for p in (self.weight, self.bias)]
+        else:
+            for copy, p in zip(self._copies, (self.weight, self.bias)):
+                if copy is not None:
+                    copy.copy_(p)  # round to nearest even, as .to() does
+
+    @property
+    def w(self) -> Tensor:
+        """W as the operations read it: the compute-dtype copy, or W itself."""
+        return self.weight if self._copies is None else self._copies[0]
+
+    @property
+    def b(self) -> Tensor | None:
+        return self.bias if self._copies is None else self._copies[1]
+
+    def compute_copies(self) -> list[Tensor]:
+        """The compute-dtype copies of W and b (none without one): memory on top of the parameters."""
+        return [t for t in self._copies if t is not None] if self._copies is not None else []
 
     def named_parameters(self) -> list[tuple[str, Tensor]]:
         """("weight", W) and ("bias", b): the names checkpoints and exports key them by."""
@@ -106,16 +140,18 @@ class Layer:
         return [p for _, p in self.named_parameters()]
 
     def forward(self, x: Tensor) -> tuple[Tensor, Saved]:
+        x = x.to(self.compute_dtype)  # the data, under bfloat16 compute; a no-op for every other input
         if self.bias is None:
-            z = x @ self.weight.T  # z = W x
+            z = x @ self.w.T  # z = W x
         else:
-            z = torch.addmm(self.bias, x, self.weight.T)  # z = W x + b, in one fused kernel
+            z = torch.addmm(self.b, x, self.w.T)  # z = W x + b, in one fused kernel
         if self.act is None:
             return z, Saved(x)  # the output layer: o = W h, nothing but x needed for backward
         h = self.act.phi(z)  # h = phi(z)
         return h, Saved(x, h=h) if self.act.from_output else Saved(x, z=z)
 
     def grad_preactivation(self, dh: Tensor, saved: Saved) -> Tensor:
+        dh = dh.to(self.compute_dtype)  # dJ/do from the float32 loss, under bfloat16 compute; else a no-op
         if self.act is None:
             return dh  # output layer: dJ/do is already the gradient of the linear map
         kept = saved.h if self.act.from_output else saved.z
@@ -127,7 +163,7 @@ class Layer:
         """dJ/dx from dJ/dh; keeps dJ/dz in `saved` for grad_weight, which needs z and h no more."""
         saved.dz = self.grad_preactivation(dh, saved)
         saved.z = saved.h = None
-        return saved.dz @ self.weight if need_dx else None  # dJ/dx = W^T dJ/dz
+        return saved.dz @ self.w if need_dx else None  # dJ/dx = W^T dJ/dz
 
     def grad_weight(self, dh: Tensor | None, saved: Saved) -> tuple[Tensor, Tensor | None]:
         """(dJ/dW, dJ/db) of the data term; uses dJ/dz from grad_input when it ran."""
@@ -138,6 +174,11 @@ class Layer:
 
     def accumulate_grad_weight(self, saved: Saved) -> None:
         """grad_weight added straight into .grad (no temporary): W.grad += dJ/dz x^T, b.grad += dJ/dz."""
+        if self._copies is not None:  # mixed precision: bfloat16 products, summed over micro-batches in float32
+            self.weight.grad.add_(saved.dz.T @ saved.x)  # W.grad (float32) += dJ/dz x^T (bfloat16)
+            if self.bias is not None:
+                self.bias.grad.add_(saved.dz.sum(0))  # b.grad (float32) += dJ/dz summed over the rows (bfloat16)
+            return
         self.weight.grad.addmm_(saved.dz.T, saved.x)
         if self.bias is not None:
             ones = saved.dz.new_ones(saved.dz.shape[0])

@@ -30,7 +30,7 @@ def accumulate(stage: Stage, x: Tensor, y: Tensor, num_microbatches: int, loss_n
     loss = x.new_zeros(())
     for x_mb, y_mb in zip(split(x, num_microbatches), split(y, num_microbatches)):
         o, stash = stage.forward(x_mb)
-        loss_mb, d_o = loss_and_grad(loss_name, o, y_mb, batch_size=len(x))
+        loss_mb, d_o = loss_and_grad(loss_name, o.to(stage.dtype), y_mb, batch_size=len(x))  # in model.dtype
         stage.backward_input(d_o, stash)
         stage.backward_weight(stash)
         loss += loss_mb

@@ -16,16 +16,19 @@ import torch
 from pipeline.mlp.layers import Layer
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
+# model.compute_dtype: F, B and W run in it from a copy of the weights, which stay in model.dtype
+COMPUTE_DTYPES = {"bfloat16": torch.bfloat16}
 
 
 @dataclass(frozen=True)
 class MLPSpec:
-    """Everything that fixes the network: widths, activation, bias, dtype."""
+    """Everything that fixes the network: widths, activation, bias, dtype (and the dtype it computes in)."""
 
     dims: tuple[int, ...]  # (in_dim, *hidden, out_dim)
     activation: str
     bias: bool
-    dtype: str
+    dtype: str  # the weights, their gradients and the optimizer state
+    compute_dtype: str | None = None  # F, B, W and the messages between stages; None: dtype
 
     @property
     def num_layers(self) -> int:
@@ -34,6 +37,16 @@ class MLPSpec:
     @property
     def torch_dtype(self) -> torch.dtype:
         return DTYPES[self.dtype]
+
+    @property
+    def torch_compute_dtype(self) -> torch.dtype:
+        """What activations, their gradients, stashes and messages are held in."""
+        return COMPUTE_DTYPES[self.compute_dtype] if self.compute_dtype else self.torch_dtype
+
+    @property
+    def precision(self) -> str:
+        """How the run's numbers are held, for headers: float32, or float32 weights, bfloat16 compute."""
+        return f"{self.dtype} weights, {self.compute_dtype} compute" if self.compute_dtype else self.dtype
 
     def layer_params(self, index: int) -> int:
         """Number of parameters of layer `index` (weights, plus bias when enabled)."""
@@ -59,7 +72,7 @@ def init_layer(spec: MLPSpec, index: int, seed: int, device: torch.device | str 
     weight = draw(fan_out, fan_in)
     bias = draw(fan_out) if spec.bias else None
     activation = spec.activation if index < spec.num_layers - 1 else None
-    return Layer(index, weight, bias, activation)
+    return Layer(index, weight, bias, activation, spec.torch_compute_dtype)
 
 
 def build_layers(spec: MLPSpec, seed: int, indices: Iterable[int], device: torch.device | str = "cpu") -> list[Layer]:

@@ -11,6 +11,11 @@ With `recompute` (pipeline.recompute, GPipe's re-materialisation) F runs like pr
 only the stage's input x; B (or BW) first runs the forward again from x to rebuild the stash, then
 goes on as above. The same operations on the same x give the same numbers, so training stays exact;
 the price is one more F per micro-batch, the saving every x, z, h between a stage's F and its B.
+
+With model.compute_dtype=bfloat16 the parameters (and .grad) stay in `dtype`, float32, while F, B
+and W run in `compute_dtype` from the layers' bfloat16 copies (see mlp.layers): what a stage
+stashes, hands on and receives is bfloat16, half the bytes. `cast_weights` refreshes the copies;
+the engine calls it once per step, after the optimizer's update, and after a resume.
 """
 
 from __future__ import annotations
@@ -53,7 +58,21 @@ class Stage:
 
     @property
     def dtype(self) -> torch.dtype:
+        """The parameters' dtype (model.dtype), which their gradients and the optimizer share."""
         return self.layers[0].weight.dtype
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype of activations, their gradients, the stash and the messages (model.compute_dtype)."""
+        return self.layers[0].compute_dtype
+
+    def cast_weights(self) -> None:
+        """Refresh every layer's compute-dtype copy of W and b from the parameters (a no-op without one)."""
+        for layer in self.layers:
+            layer.cast_weights()
+
+    def compute_copies(self) -> list[Tensor]:
+        return [t for layer in self.layers for t in layer.compute_copies()]
 
     @property
     def device(self) -> torch.device:
@@ -75,7 +94,7 @@ class Stage:
     def forward(self, x: Tensor) -> tuple[Tensor, Stash]:
         """F: the stage's output and its stash; under recompute the stash is the input x alone."""
         if self.recompute:
-            return self.predict(x), [Saved(x)]
+            return self.predict(x), [Saved(x.to(self.compute_dtype))]  # kept as layer 0's forward keeps it
         return self._forward_keeping(x)
 
     def _forward_keeping(self, x: Tensor) -> tuple[Tensor, Stash]:

@@ -69,7 +69,7 @@ def layer_flops(spec: MLPSpec, index: int, rows: int) -> float:
 
 
 def _message_bytes(spec: MLPSpec, stage_layers: list[range], rows: int) -> dict[int, int]:
-    element = torch.empty((), dtype=spec.torch_dtype).element_size()
+    element = torch.empty((), dtype=spec.torch_compute_dtype).element_size()  # messages travel in the compute dtype
     return {s: rows * spec.dims[layers[-1] + 1] * element for s, layers in enumerate(stage_layers)}
 
 
@@ -105,8 +105,8 @@ def flop_costs(spec: MLPSpec, stage_layers: list[range], rows: int, flops_per_s:
 def time_stage(stage: Stage, rows: int, repeats: int = 5, loss_name: str | None = None) -> dict[str, float]:
     """Median seconds of F, B and W of one stage on a micro-batch of `rows` random rows; with
     `loss_name`, the last stage's F includes the loss and dJ/do, as the executor's F does."""
-    x = torch.randn(rows, stage.in_dim, dtype=stage.dtype, device=stage.device)
-    dy = torch.randn(rows, stage.out_dim, dtype=stage.dtype, device=stage.device)
+    x = torch.randn(rows, stage.in_dim, dtype=stage.compute_dtype, device=stage.device)  # as a stage receives them
+    dy = torch.randn(rows, stage.out_dim, dtype=stage.compute_dtype, device=stage.device)
     labels = torch.randint(0, stage.out_dim, (rows,), device=stage.device)
     with_loss = loss_name is not None and stage.is_last
     times: dict[str, list[float]] = {kind: [] for kind in KINDS}
@@ -114,7 +114,7 @@ def time_stage(stage: Stage, rows: int, repeats: int = 5, loss_name: str | None 
         t0 = time.perf_counter()
         y, stash = stage.forward(x)
         if with_loss:
-            loss_and_grad(loss_name, y, labels, rows)
+            loss_and_grad(loss_name, y.to(stage.dtype), labels, rows)  # in model.dtype, as the executor's
         t1 = time.perf_counter()
         stage.backward_input(dy, stash)
         t2 = time.perf_counter()

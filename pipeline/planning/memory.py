@@ -14,6 +14,10 @@ predicted micro-batch is alive. Training holds, on top of the parameters,
                          layer's x, z or h, later dJ/dz (peak over the schedule, as the runtime
                          counts it between two actions; peak_stash_bytes)
 
+Under model.compute_dtype=bfloat16 the parameters, gradients and optimizer state stay float32 and
+the parameters gain a bfloat16 copy (2 bytes per parameter) that F, B and W read; every stashed
+activation, the activation in flight and every message is bfloat16, half its float32 bytes.
+
 Both are counted between operations: what one layer computation needs for itself (z while h is
 made, x and h together) is left out of both, as the runtime leaves it out of the stash. With
 pipeline.recompute=true the stash shrinks to each stage's input x, and the `rebuild` column adds
@@ -65,16 +69,21 @@ class RankMemory:
 
 # --- measured: the real tensors -----------------------------------------------------------------
 
-def held_bytes(params: Iterable[Tensor], optimizer: torch.optim.Optimizer) -> tuple[int, int, int]:
-    """(parameters, gradients, optimizer state) in bytes, counted on the tensors themselves."""
+def held_bytes(params: Iterable[Tensor], optimizer: torch.optim.Optimizer,
+               copies: Iterable[Tensor] = ()) -> tuple[int, int, int]:
+    """(parameters with their compute-dtype `copies`, gradients, optimizer state) in bytes, counted on the tensors."""
     params = list(params)
     nbytes = lambda t: t.numel() * t.element_size()  # noqa: E731
     state = [t for p in params for t in optimizer.state.get(p, {}).values() if isinstance(t, Tensor)]
-    return (sum(nbytes(p) for p in params), sum(nbytes(p.grad) for p in params if p.grad is not None),
+    return (sum(nbytes(p) for p in [*params, *copies]), sum(nbytes(p.grad) for p in params if p.grad is not None),
             sum(nbytes(t) for t in state))
 
 
 # --- predicted: from the model's shape and the schedule -----------------------------------------
+
+def _element(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
 
 def stash_bytes(spec: MLPSpec, layers: range, rows: int, after_b: bool = False, recompute: bool = False) -> int:
     """Bytes one micro-batch keeps stashed on a stage (see mlp.layers.Saved and mlp.stage.Stage).
@@ -83,8 +92,9 @@ def stash_bytes(spec: MLPSpec, layers: range, rows: int, after_b: bool = False, 
     where phi' is written through h (relu, sigmoid, tanh; inside the stage h is the next input);
     under recompute only the stage's input x (B rebuilds the rest).
     After B (split B and W): each layer's x and dJ/dz, with or without recompute.
+    All of it in the compute dtype (model.compute_dtype, else model.dtype).
     """
-    element = torch.empty((), dtype=spec.torch_dtype).element_size()
+    element = _element(spec.torch_compute_dtype)
     has_act = [i < spec.num_layers - 1 for i in range(spec.num_layers)]
     from_output = ACTIVATIONS[spec.activation].from_output
     if after_b:
@@ -135,8 +145,9 @@ def peak_stash_bytes(schedule: Schedule, spec: MLPSpec, stage_layers: list[range
 
 
 def in_flight_bytes(spec: MLPSpec, layers: Iterable[int], rows: int) -> int:
-    """The largest activation a forward over `layers` hands on: their input x or one of their outputs."""
-    element = torch.empty((), dtype=spec.torch_dtype).element_size()
+    """The largest activation a forward over `layers` hands on: their input x or one of their outputs,
+    in the compute dtype (the layers round a float32 input on entry)."""
+    element = _element(spec.torch_compute_dtype)
     return rows * element * max(max(spec.dims[i], spec.dims[i + 1]) for i in layers)
 
 
@@ -155,12 +166,26 @@ def rebuild_bytes(plan: Plan, spec: MLPSpec, mb_sizes: list[int], rank: int, kep
 
 
 def state_bytes(conf: Config, plan: Plan, spec: MLPSpec, rank: int) -> tuple[int, int, int]:
-    """(parameters, gradients, optimizer state) of one rank in bytes: what it holds before any micro-batch."""
-    element = torch.empty((), dtype=spec.torch_dtype).element_size()
+    """(parameters, gradients, optimizer state) of one rank in bytes: what it holds before any micro-batch;
+    the parameters with their compute-dtype copy under model.compute_dtype."""
     layers = plan.layers_of(rank)
-    params = element * sum(spec.layer_params(i) for i in layers)
+    count = sum(spec.layer_params(i) for i in layers)
+    params = _element(spec.torch_dtype) * count
+    copies = _element(spec.torch_compute_dtype) * count if spec.compute_dtype else 0
     num_tensors = len(layers) * (2 if spec.bias else 1)
-    return params, params, optimizer_bytes(conf, params, num_tensors)
+    return params + copies, params, optimizer_bytes(conf, params, num_tensors)
+
+
+def sent_bytes(plan: Plan, spec: MLPSpec, mb_sizes: list[int], rank: int) -> int:
+    """Bytes `rank` sends in one training step: per SEND_F its stage's output activation, per SEND_B
+    the gradient of its stage's input, rows x width in the compute dtype (bfloat16: half of float32)."""
+    element, total = _element(spec.torch_compute_dtype), 0
+    for a in plan.train_schedule[rank]:
+        layers = plan.stage_layers[a.stage_index]
+        if a.kind in ("SEND_F", "SEND_B"):
+            width = spec.dims[layers[-1] + 1] if a.kind == "SEND_F" else spec.dims[layers[0]]
+            total += mb_sizes[a.mb_index] * width * element
+    return total
 
 
 def rank_memory(conf: Config, plan: Plan, spec: MLPSpec, rank: int, mb_sizes: list[int],

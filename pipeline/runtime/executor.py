@@ -7,9 +7,13 @@ The runtime never decides order: the schedule does. Per (stage, micro-batch) it 
     grads        dJ/d(stage output), from the loss (last stage), a receive, or the next local stage
     outbox       an output or input gradient waiting for its SEND
 
-and frees each entry as soon as the action that consumes it is done. `execute` drives one or
-more ranks' runtimes through a schedule: under torchrun each process drives one rank and a
-receive blocks; in-process, one process drives every rank and a receive waits its turn.
+and frees each entry as soon as the action that consumes it is done. Under model.compute_dtype
+(bfloat16) inputs, stashes and messages are bfloat16; the loss and dJ/do are computed in
+model.dtype (float32) from the last stage's bfloat16 output, and its B rounds dJ/do to bfloat16.
+
+`execute` drives one or more ranks' runtimes through a schedule: under torchrun each process
+drives one rank and a receive blocks; in-process, one process drives every rank and a receive
+waits its turn.
 """
 
 from __future__ import annotations
@@ -56,6 +60,7 @@ class StepResult:
     peak_stash: int = 0  # most micro-batches held at once between their F and their W
     peak_awaiting_b: int = 0  # most micro-batches held at once between their F and their B
     peak_stash_bytes: int = 0  # most bytes of stashed activations held at once
+    sent_bytes: int = 0  # bytes of the activations and gradients this rank sent (SEND_F, SEND_B)
     last_action: str = "none"
     outputs: dict[int, Tensor] = field(default_factory=dict)  # forward only: the last stage's o per micro-batch
 
@@ -172,6 +177,7 @@ class Runtime:
         r.peak_stash_bytes = max(r.peak_stash_bytes, sum(st.stash_bytes.values()))
 
     def _loss(self, s: int, mb: int, o: Tensor) -> None:
+        o = o.to(self.stages[s].dtype)  # L and dJ/do in model.dtype (float32) from the compute-dtype output
         if not self.state.training:
             self.result.outputs[mb] = o  # forward only: o is what prediction returns
             if mb not in self.state.labels:
@@ -230,11 +236,15 @@ class Runtime:
 
     def _SEND_F(self, s: int, mb: int) -> None:
         dst, t = self._route(Action(s, "SEND_F", mb), +1, ACTIVATION)
-        self.transport.send(self.state.outbox.pop((s, mb)), dst, t, f"{s}SEND_F{mb} to rank {dst}")
+        self._send(self.state.outbox.pop((s, mb)), dst, t, f"{s}SEND_F{mb} to rank {dst}")
 
     def _SEND_B(self, s: int, mb: int) -> None:
         dst, t = self._route(Action(s, "SEND_B", mb), -1, GRADIENT)
-        self.transport.send(self.state.outbox.pop((s, mb)), dst, t, f"{s}SEND_B{mb} to rank {dst}")
+        self._send(self.state.outbox.pop((s, mb)), dst, t, f"{s}SEND_B{mb} to rank {dst}")
+
+    def _send(self, message: Tensor, dst: int, t: int, what: str) -> None:
+        self.transport.send(message, dst, t, what)
+        self.result.sent_bytes += message.numel() * message.element_size()  # bfloat16: half of float32
 
     def _RECV_F(self, s: int, mb: int) -> None:
         self.state.inputs[(s, mb)] = self._receive(Action(s, "RECV_F", mb))
@@ -243,12 +253,12 @@ class Runtime:
         self.state.grads[(s, mb)] = self._receive(Action(s, "RECV_B", mb))
 
     def _incoming(self, action: Action) -> tuple[int, int, Callable[[], Tensor]]:
-        """(peer, tag, a maker of an empty buffer of the right shape): shapes come from the model."""
+        """(peer, tag, a maker of an empty buffer of the right shape): shape and dtype come from the model."""
         forward = action.kind == "RECV_F"
         src, t = self._route(action, -1 if forward else +1, ACTIVATION if forward else GRADIENT)
         stage = self.stages[action.stage_index]
         shape = (self.state.mb_sizes[action.mb_index], stage.in_dim if forward else stage.out_dim)
-        return src, t, lambda: torch.empty(shape, dtype=stage.dtype, device=stage.device)
+        return src, t, lambda: torch.empty(shape, dtype=stage.compute_dtype, device=stage.device)
 
     def post_receives(self, actions: list[Action]) -> None:
         """Post every receive of this step up front into its own buffer (see runtime.p2p.P2PTransport.post)."""

@@ -61,6 +61,7 @@ class Engine:
         self.peak_stash = {r: 0 for r in comm.local_ranks}
         self.peak_awaiting_b = {r: 0 for r in comm.local_ranks}
         self.peak_stash_bytes = {r: 0 for r in comm.local_ranks}
+        self.sent_bytes = {r: 0 for r in comm.local_ranks}  # per step (every step sends the same)
         self.input_scaling: dict | None = None  # the data's standardisation, set by the trainer; for the export
         self.grad_norm: torch.Tensor | None = None  # with optim.clip_norm: the last update's ||dJ/dtheta||, unclipped
 
@@ -108,6 +109,7 @@ class Engine:
             self.peak_stash[rank] = max(self.peak_stash[rank], result.peak_stash)
             self.peak_awaiting_b[rank] = max(self.peak_awaiting_b[rank], result.peak_awaiting_b)
             self.peak_stash_bytes[rank] = max(self.peak_stash_bytes[rank], result.peak_stash_bytes)
+            self.sent_bytes[rank] = result.sent_bytes
         return results[self.plan.last_rank].loss if self.holds_last else None
 
     def batch_loss(self, loss: Tensor) -> float:
@@ -143,6 +145,8 @@ class Engine:
             pending = self.grad_norm_slots()
         for optimizer in self.optimizers.values():
             optimizer.step()
+        for stage in self.stages.values():
+            stage.cast_weights()  # model.compute_dtype: the next F, B and W read the updated weights' copy
         return pending
 
     def grad_norm_slots(self) -> list[float]:
@@ -167,13 +171,15 @@ class Engine:
         return {"test_loss": float(last.loss), "test_accuracy": last.correct / rows}
 
     def stash_figures(self) -> dict[str, list[int]]:
-        """Peak stashed micro-batches and bytes of every rank, and the bytes of its parameters, gradients
-        and optimizer state, counted on the tensors (a collective: all ranks call it)."""
+        """Peak stashed micro-batches and bytes of every rank, the bytes it sends per step, and the bytes of
+        its parameters (with their compute-dtype copies), gradients and optimizer state, counted on the
+        tensors (a collective: all ranks call it)."""
         p = self.plan.num_ranks
-        held = {r: held_bytes([q for st in self._stages_of(r) for q in st.parameters()], self.optimizers[r])
+        held = {r: held_bytes([q for st in self._stages_of(r) for q in st.parameters()], self.optimizers[r],
+                              [c for st in self._stages_of(r) for c in st.compute_copies()])
                 for r in self.comm.local_ranks}
         named = (("peak_stash", self.peak_stash), ("peak_awaiting_b", self.peak_awaiting_b),
-                 ("peak_stash_bytes", self.peak_stash_bytes),
+                 ("peak_stash_bytes", self.peak_stash_bytes), ("sent_bytes", self.sent_bytes),
                  *((name, {r: h[i] for r, h in held.items()})
                    for i, name in enumerate(("param_bytes", "grad_bytes", "optimizer_bytes"))))
         totals = self.comm.sum_list([float(peaks.get(r, 0)) for _, peaks in named for r in range(p)])  # one all-reduce
@@ -250,6 +256,7 @@ class Engine:
                         optimizer.state.pop(param, None)
                         if saved:
                             optimizer.state[param] = {k: _to_param(k, v, param) for k, v in saved.items()}
+                stage.cast_weights()  # model.compute_dtype: the copies follow the restored weights
         torch.set_rng_state(state.rng[self.local_layers()[0]])
 
 

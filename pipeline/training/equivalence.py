@@ -56,8 +56,9 @@ def problem(timeout_s: float | None = None, dp: int = 1, pp: int | None = None, 
     return replace(conf, dist=replace(conf.dist, timeout_s=timeout_s)) if timeout_s else conf
 
 
-def reference(conf: Config) -> Params:
-    """Single-device training: one stage holding every layer, the whole batch at once."""
+def reference(conf: Config, num_microbatches: int = 1) -> Params:
+    """Single-device training: one stage holding every layer, the whole batch at once (or, as
+    gradient accumulation, in `num_microbatches` micro-batches)."""
     data = load_data(conf)
     spec = model_spec(conf, data)
     stage = Stage(0, 1, build_layers(spec, conf.train.seed, range(spec.num_layers)))
@@ -66,8 +67,9 @@ def reference(conf: Config) -> Params:
     x_train, y_train = as_tensors(data.x_train, data.y_train, spec)
     for step in range(conf.train.steps):
         rows = torch.as_tensor(sampler.indices(step))
-        microbatch.accumulate(stage, x_train[rows], y_train[rows], 1, conf.loss.name, conf.loss.l2)
+        microbatch.accumulate(stage, x_train[rows], y_train[rows], num_microbatches, conf.loss.name, conf.loss.l2)
         optimizer.step()
+        stage.cast_weights()  # model.compute_dtype: as Engine.update does
     return {layer.index: dict(layer.named_parameters()) for layer in stage.layers}
 
 

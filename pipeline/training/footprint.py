@@ -9,12 +9,12 @@ from __future__ import annotations
 import contextlib
 import io
 import tempfile
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 from pipeline.config import Config, in_process
 from pipeline.mlp.microbatch import sizes
 from pipeline.mlp.model import MLPSpec
-from pipeline.planning.memory import RankMemory, rank_memory
+from pipeline.planning.memory import RankMemory, rank_memory, sent_bytes
 from pipeline.planning.plan import Plan, replica_batch, retime
 from pipeline.planning.planner import make_plan
 from pipeline.training.setup import load_data, model_spec
@@ -33,6 +33,7 @@ class Calculation:
     spec: MLPSpec
     predict_rows: int  # rows predicted at once (the eval micro-batch by default)
     ranks: list[RankMemory]
+    sent: list[int] = field(default_factory=list)  # bytes each rank sends per training step (not memory)
 
 
 def measure(conf: Config, ranks: int, steps: int = 2) -> dict[str, list[int]]:
@@ -44,7 +45,7 @@ def measure(conf: Config, ranks: int, steps: int = 2) -> dict[str, list[int]]:
                    trace=replace(conf.trace, enabled=False))
     with tempfile.TemporaryDirectory() as run_dir, contextlib.redirect_stdout(io.StringIO()):
         summary = train(conf, run_dir)
-    return {key: summary[key] for key in MEASURED}
+    return {key: summary[key] for key in (*MEASURED, "sent_bytes")}
 
 
 def _inprocess(conf: Config, ranks: int) -> Config:
@@ -67,12 +68,14 @@ def calculate(conf: Config, ranks: int, predict_rows: int | None = None) -> Calc
     predict_rows = predict_rows or sizes(test_rows or conf.train.batch_size, plan.eval_microbatches)[0]
     mb_sizes = sizes(conf.train.batch_size, plan.num_microbatches)
     return Calculation(conf, plan, spec, predict_rows,
-                       [rank_memory(conf, plan, spec, r, mb_sizes, predict_rows) for r in range(plan.num_ranks)])
+                       [rank_memory(conf, plan, spec, r, mb_sizes, predict_rows) for r in range(plan.num_ranks)],
+                       [sent_bytes(plan, spec, mb_sizes, r) for r in range(plan.num_ranks)])
 
 
 # --- the table ----------------------------------------------------------------------------------
 
-COLUMNS = ("params", "grads", "optimizer", "stash", "rebuild", "training", "in flight", "prediction", "ratio")
+COLUMNS = ("params", "grads", "optimizer", "stash", "rebuild", "training", "in flight", "prediction", "ratio",
+           "sent/step")  # the last: what the rank sends per training step (activations and gradients), not memory
 
 
 def _kib(n: int | None) -> str:
@@ -88,8 +91,8 @@ def header(calc: Calculation) -> str:
     optim = "adam" if c.optim.name == "adam" else f"sgd momentum {c.optim.momentum:g}"
     return (f"{plan.schedule}: p={plan.num_ranks} m={plan.num_microbatches} v={plan.virtual_stages} "
             f"recompute={'on' if c.pipeline.recompute else 'off'}; model {'-'.join(map(str, spec.dims))} "
-            f"{spec.activation} {spec.dtype}, batch {c.train.batch_size}, predicting {calc.predict_rows} rows at once, "
-            f"{optim}")
+            f"{spec.activation} {spec.precision}, batch {c.train.batch_size}, predicting {calc.predict_rows} rows at "
+            f"once, {optim}")
 
 
 def format_table(calc: Calculation, measured: dict[str, list[int]] | None = None) -> str:
@@ -99,8 +102,10 @@ def format_table(calc: Calculation, measured: dict[str, list[int]] | None = None
         values = [mem.params, mem.grads, mem.optimizer, mem.stash, mem.rebuild, mem.training,
                   mem.in_flight, mem.prediction]
         lines.append(_row(f"rank {r}" + (" predicted" if measured else ""),
-                          [_kib(v) for v in values] + [f"{mem.training / mem.prediction:.2f}"]))
+                          [_kib(v) for v in values] + [f"{mem.training / mem.prediction:.2f}",
+                                                          _kib(calc.sent[r] if calc.sent else None)]))
         if measured:
             held = [measured[key][r] for key in MEASURED]
-            lines.append(_row(f"rank {r} measured", [_kib(v) for v in held] + ["-", _kib(sum(held))] + ["-"] * 3))
+            lines.append(_row(f"rank {r} measured", [_kib(v) for v in held] + ["-", _kib(sum(held))] + ["-"] * 3
+                              + [_kib(measured["sent_bytes"][r])]))
     return "\n".join(lines)

@@ -47,7 +47,7 @@ def model_spec(conf: Config, data: datasets.Dataset) -> MLPSpec:
     in_dim = m.in_dim or data.in_dim
     out_dim = m.out_dim or data.num_classes
     datasets.check_model_fits(data, in_dim, out_dim)
-    return MLPSpec((in_dim, *m.hidden, out_dim), m.activation, m.bias, m.dtype)
+    return MLPSpec((in_dim, *m.hidden, out_dim), m.activation, m.bias, m.dtype, m.compute_dtype)
 
 
 def check_batch(conf: Config, data: datasets.Dataset) -> None:
