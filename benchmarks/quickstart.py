@@ -21,7 +21,6 @@ p=1 with a thread per core can be many times slower than with one (OpenMP's thre
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import subprocess
