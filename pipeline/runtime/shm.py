@@ -37,7 +37,10 @@ from pipeline.runtime.transport import PeerTimeout
 
 HEADER = 64  # bytes of a record's header, and the alignment of every record and chunk
 CONTROL = 128  # write_pos and read_pos, each on its own cache line
-SPIN_S = 50e-6  # a waiter polls this long before it sleeps on the futex (when the host has a core per rank)
+# a waiter polls this long before it sleeps on the futex, when the host has a core per rank (on the waiter's own
+# core): most waits of a small model's step are shorter, and a futex wake costs the sender a syscall and the
+# receiver a reschedule (benchmarks/quickstart.py: p = 2 took 1.4-1.9 s with 2 ms, 1.7-2.3 s with 50 us)
+SPIN_S = 2e-3
 # a waiter checks this often that the peers it depends on still live (after its first LIVENESS_S of waiting);
 # under torchrun's 0.1 s monitor interval, so a killed peer is named here before the launcher's SIGTERM comes
 LIVENESS_S = 0.02
