@@ -20,7 +20,7 @@ from pipeline.config import LR_SCHEDULES, OptimConfig
 def lr_at(step: int, optim: OptimConfig, steps: int) -> float:
     """The learning rate the update of `step` (1-based) uses in a run of `steps` steps."""
     lr, m, w = optim.lr, optim.min_lr, optim.warmup_steps
-    if step <= w:
+    if 0 < step <= w:
         return lr * step / w  # linear warm-up from lr / W to lr
     progress = (step - w) / (steps - w)  # (t - W) / (T - W), in (0, 1]
     if optim.schedule == "cosine":
