@@ -295,9 +295,7 @@ def sender_busy(rank: int, link, nbytes: int, trials: int) -> tuple[float, float
             link.post(into, i)
             link.recv(into, i)
             stamps.append(time.perf_counter())
-    both: list = [None, None]
-    dist.all_gather_object(both, (stamps, in_send))
-    (sent, send_times), (arrived, _) = both
+    (sent, arrived), send_times = _gathered(stamps), _gathered(in_send)[0]
     times = sorted(b - a for a, b in zip(sent[2:], arrived[2:]))
     return (statistics.median(times), statistics.mean(times), times[int(0.9 * (len(times) - 1))],
             statistics.median(send_times[2:]))
@@ -333,11 +331,21 @@ def allreduce_s(comm, values: int, trials: int) -> float:
     return _shared(0, statistics.median(times[2:]))
 
 
-def _shared(owner: int, value):
+def _shared(owner: int, value: float | None) -> float:
     """Rank `owner`'s `value`, on both ranks."""
-    both: list = [None, None]
-    dist.all_gather_object(both, value)
-    return both[owner]
+    return _gathered([] if value is None else [value])[owner][0]
+
+
+def _gathered(values: list[float]) -> list[list[float]]:
+    """Both processes' lists of floats, through tensors (the package pickles nothing)."""
+    count = torch.tensor([len(values)])
+    counts = [torch.zeros_like(count) for _ in range(2)]
+    dist.all_gather(counts, count)
+    mine = torch.zeros(int(max(counts)), dtype=torch.float64)
+    mine[:len(values)] = torch.tensor(values, dtype=torch.float64)
+    both = [torch.zeros_like(mine) for _ in range(2)]
+    dist.all_gather(both, mine)
+    return [b[:int(n)].tolist() for b, n in zip(both, counts)]
 
 
 if __name__ == "__main__":  # one of measure's two processes: RANK TMP_DIR PLAN_JSON

@@ -26,11 +26,11 @@ def freeze_clock(epoch: float) -> None:
 def hold_at(gate: Path) -> None:
     update = engine.Engine.update
 
-    def gated_update(self) -> None:
+    def gated_update(self, *args, **kwargs) -> list[float]:
         deadline = time.monotonic() + 120
         while not gate.exists() and time.monotonic() < deadline:
             time.sleep(0.05)
-        update(self)
+        return update(self, *args, **kwargs)
 
     engine.Engine.update = gated_update
 
