@@ -85,7 +85,7 @@ def two_processes(args: argparse.Namespace) -> tuple[dict[str, list[float]], dic
 
 
 def kib(values: list[int]) -> str:
-    return " / ".join(f"{v / 1024:.0f}" for v in values)
+    return " / ".join(harness.kib(v) for v in values)
 
 
 def main(argv: list[str] | None = None) -> int:

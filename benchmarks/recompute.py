@@ -83,7 +83,7 @@ def under_torchrun(args: argparse.Namespace) -> tuple[dict[bool, list[float]], d
 
 
 def kib(values: list[int]) -> str:
-    return " ".join(f"{v / 1024:.0f}" for v in values)
+    return " ".join(harness.kib(v) for v in values)
 
 
 def main(argv: list[str] | None = None) -> int:
