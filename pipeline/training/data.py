@@ -112,22 +112,27 @@ def synthetic(n: int, dim: int, classes: int, noise: float, seed: int, test_frac
     return Dataset("synthetic", x_train, y_train, x_test, y_test)
 
 
-def _read_npz(path: str) -> tuple[np.ndarray, np.ndarray]:
-    if not os.path.isfile(path):
-        raise DataError(f"{path}: no such file; set data.path to an .npz with arrays X and y")
+def read_npz(path: str, keys: tuple[str, ...], save_hint: str) -> tuple[dict[str, np.ndarray], list[str]]:
+    """The arrays `keys` of the .npz at `path` that it holds, and the names of all it holds (no pickles);
+    a .npy or an unreadable file is a one-line DataError ending in `save_hint`."""
     try:
         archive = np.load(path, allow_pickle=False)
         if not isinstance(archive, np.lib.npyio.NpzFile):  # np.load reads a .npy as one bare array
-            raise DataError(f"{path}: one array (.npy), not an .npz archive; save X and y together with "
-                            "np.savez(path, X=..., y=...)")
+            raise DataError(f"{path}: one array (.npy), not an .npz archive; {save_hint}")
         with archive:
-            missing = [k for k in ("X", "y") if k not in archive.files]
-            if missing:
-                raise DataError(f"{path}: missing array {missing[0]!r} (found {archive.files}); "
-                                "save with np.savez(path, X=..., y=...)")
-            return archive["X"], archive["y"]
+            return {k: archive[k] for k in keys if k in archive.files}, list(archive.files)
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as err:
         raise DataError(f"{path}: not a readable .npz file ({err})") from None
+
+
+def _read_npz(path: str) -> tuple[np.ndarray, np.ndarray]:
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: no such file; set data.path to an .npz with arrays X and y")
+    arrays, files = read_npz(path, ("X", "y"), "save X and y together with np.savez(path, X=..., y=...)")
+    missing = [k for k in ("X", "y") if k not in arrays]
+    if missing:
+        raise DataError(f"{path}: missing array {missing[0]!r} (found {files}); save with np.savez(path, X=..., y=...)")
+    return arrays["X"], arrays["y"]
 
 
 def _check_arrays(path: str, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -18,7 +18,6 @@ checkpoint, its optimizer state included, on a batch of train.batch_size rows of
 from __future__ import annotations
 
 import os
-import zipfile
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -39,7 +38,7 @@ from pipeline.planning.planner import make_plan
 from pipeline.runtime.distributed import connect, read_env
 from pipeline.schedules.builders import forward_only
 from pipeline.schedules.lowering import lower
-from pipeline.training import checkpoint, rundir
+from pipeline.training import checkpoint, data as datasets, rundir
 from pipeline.training.engine import Engine
 
 KIB = 1024
@@ -197,16 +196,10 @@ def _read_archive(path: str) -> tuple[np.ndarray, np.ndarray | None]:
         raise DataError(f"--data={path}: no such file; pass an .npz with an array X (and, for the accuracy, y)")
     if os.path.getsize(path) == 0:
         raise DataError(f"{path}: the file is empty; save the rows with np.savez(path, X=...)")
-    try:
-        archive = np.load(path, allow_pickle=False)
-        if not isinstance(archive, np.lib.npyio.NpzFile):  # np.load reads a .npy as one bare array
-            raise DataError(f"{path}: one array (.npy), not an .npz archive; save with np.savez(path, X=...)")
-        with archive:
-            if "X" not in archive.files:
-                raise DataError(f"{path}: missing array 'X' (found {archive.files}); save with np.savez(path, X=...)")
-            return archive["X"], archive["y"] if "y" in archive.files else None
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as err:
-        raise DataError(f"{path}: not a readable .npz file ({err})") from None
+    arrays, files = datasets.read_npz(path, ("X", "y"), "save with np.savez(path, X=...)")
+    if "X" not in arrays:
+        raise DataError(f"{path}: missing array 'X' (found {files}); save with np.savez(path, X=...)")
+    return arrays["X"], arrays.get("y")
 
 
 # --- in the pipeline ----------------------------------------------------------------------------
