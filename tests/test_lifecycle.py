@@ -86,6 +86,18 @@ def tmpfs(path: Path, size: str):
         subprocess.run(["umount", "-l", str(path)], check=True)
 
 
+def remount_read_only(path: Path, within_s: float = 30.0) -> None:
+    """Remount `path` read-only. The kernel refuses (EBUSY) while a file there is open for writing, and
+    rank 1 opens metrics.jsonl for each row (log_every=1), so try again until the remount falls between two rows."""
+    deadline = time.monotonic() + within_s
+    while True:
+        result = subprocess.run(["mount", "-o", "remount,ro", str(path)], capture_output=True, text=True)
+        if result.returncode == 0:
+            return
+        assert "busy" in result.stderr and time.monotonic() < deadline, result.stderr
+        time.sleep(0.001)
+
+
 # --- a survivor that never exits (issue 12, item 1) ----------------------------------------------
 
 @pytest.mark.timeout(240)
@@ -200,7 +212,7 @@ def test_a_read_only_run_directory_mid_run_is_named_by_both_ranks(tmp_path):
         stderr = Lines(launcher.stderr)
         try:
             assert wait_for(lambda: training(run_dir, 3), 150), stderr.text()
-            subprocess.run(["mount", "-o", "remount,ro", str(fs)], check=True)
+            remount_read_only(fs)
             assert wait_for(lambda: launcher.poll() is not None, 60), stderr.text()
         finally:
             kill_all(launcher, run_dir)
