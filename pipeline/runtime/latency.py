@@ -18,6 +18,10 @@ to call them. Two ways of timing:
                 the send to the end of rank 1's receive (both read CLOCK_MONOTONIC, one clock):
                 median, mean and 90th percentile, and the median time rank 0 spent in its send
 
+  woken         the busy sender's timing with rank 0 idle after its send (it sleeps instead of
+                computing): over shm rank 1 sleeps on its futex in both, so what the two share is the
+                operating system's wake of a sleeping process, and what busy adds is the compute's share
+
 and the median time of a receive whose message arrived before it began (what a rank pays to take
 a message that is there). Once per measurement, the all-reduce of a few floats that a logged step
 runs (Comm.sum_list, gloo whatever the transport) is timed too.
@@ -29,6 +33,7 @@ runs (Comm.sum_list, gloo whatever the transport) is timed too.
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 import statistics
@@ -63,6 +68,8 @@ class Latency(NamedTuple):
     busy_p90_s: float  # 90th percentile of the same
     send_s: float  # median time the sender spent in its send
     recv_s: float  # median time of a receive whose message had arrived
+    woken_s: float = math.nan  # median from the send to the receive's end, the receiver asleep, the sender idle
+    woken_p90_s: float = math.nan  # 90th percentile of the same
 
 
 class Measured(NamedTuple):
@@ -249,7 +256,9 @@ def _time_link(rank: int, link, name: str, plan: dict) -> list:
     for nbytes in plan["sizes"]:
         pingpong = pingpong_s(rank, link, nbytes, plan["iters"], plan["repeats"])
         busy = sender_busy(rank, link, nbytes, plan["busy_trials"])
-        rows.append([name, nbytes, pingpong, *busy, late_receive_s(rank, link, nbytes, plan["busy_trials"])])
+        late = late_receive_s(rank, link, nbytes, plan["busy_trials"])
+        woken_median, _, woken_p90, _ = sender_busy(rank, link, nbytes, plan["busy_trials"], compute=False)
+        rows.append([name, nbytes, pingpong, *busy, late, woken_median, woken_p90])
     return rows
 
 
@@ -274,10 +283,11 @@ def pingpong_s(rank: int, link, nbytes: int, iters: int, repeats: int) -> float:
     return _shared(0, statistics.median(blocks[1:]))
 
 
-def sender_busy(rank: int, link, nbytes: int, trials: int) -> tuple[float, float, float, float]:
+def sender_busy(rank: int, link, nbytes: int, trials: int, compute: bool = True
+                ) -> tuple[float, float, float, float]:
     """(median, mean, 90th percentile) seconds from rank 0's send to the end of rank 1's receive,
-    while rank 0 computes right after the send, and the median of rank 0's time in the send (the same
-    figures on both ranks)."""
+    while rank 0 computes right after the send (or, without `compute`, sleeps as long), and the median
+    of rank 0's time in the send (the same figures on both ranks)."""
     weight, x = torch.randn(1024, 1024), torch.randn(32, 1024)
     out, into = torch.ones(nbytes // 4), torch.zeros(nbytes // 4)
     stamps, in_send = [], []
@@ -288,8 +298,11 @@ def sender_busy(rank: int, link, nbytes: int, trials: int) -> tuple[float, float
             stamps.append(time.perf_counter())
             link.send(out, i)
             in_send.append(time.perf_counter() - stamps[-1])
-            for _ in range(6):
-                x @ weight.T  # about 5 ms of F on 32 rows, as a rank does after sending
+            if compute:
+                for _ in range(6):
+                    x @ weight.T  # about 5 ms of F on 32 rows, as a rank does after sending
+            else:
+                time.sleep(0.005)  # idle: rank 0's core is free for rank 1's wake
             link.flush()
         else:
             link.post(into, i)
