@@ -341,9 +341,9 @@ REFUSALS = {
     # refused by every rank after the segments are made: rank 1 may not open rank 0's
     "map": ("pipeline.transport=shm: rank 1 could not map rank 0's shared memory (Permission denied); "
             "use pipeline.transport=p2p", 2),
-    # rank 1 alone cannot get its segment (and says so through its note); rank 0 names it
-    "create": ("rank 0: stopped because rank 1 failed: pipeline.transport=shm: rank 1 could not get N MiB of "
-               "shared memory (Cannot allocate memory); free memory or use pipeline.transport=p2p", 1)}
+    # rank 1 alone cannot get its segment; every rank learns it in the same gather and refuses
+    "create": ("pipeline.transport=shm: rank 1 could not get N MiB of shared memory (Cannot allocate memory); "
+               "free memory or use pipeline.transport=p2p", 2)}
 
 
 @pytest.mark.timeout(120)
@@ -395,14 +395,24 @@ def test_a_sigkilled_rank_0_leaves_nothing_behind(tmp_path):
     assert not any(alive(pid) for pid in pids.values())  # nothing of the run holds its memory
 
 
+AUTO_FALLBACKS = {  # pipeline.transport=auto where shm cannot be had: p2p for every pair, and why
+    "unsupported": "it needs Linux (memfd and futex), and this is a test",
+    "create": "rank 1 could not get N MiB of shared memory (Cannot allocate memory)",
+    "map": "rank 1 could not map rank 0's shared memory (Permission denied)"}
+
+
 @pytest.mark.timeout(120)
-def test_auto_where_shm_cannot_run_talks_p2p_and_says_why(tmp_path):
-    launcher = torchrun(2, ["tests/workers/shm_refused.py", "unsupported", "train.steps=5", "pipeline.transport=auto",
+@pytest.mark.parametrize("case", list(AUTO_FALLBACKS))
+def test_auto_where_shm_cannot_run_talks_p2p_and_says_why(case, tmp_path):
+    before = dev_shm()
+    launcher = torchrun(2, ["tests/workers/shm_refused.py", case, "train.steps=5", "pipeline.transport=auto",
                             f"hydra.run.dir={tmp_path / 'run'}"])
     stdout, stderr = launcher.communicate(timeout=100)
     assert launcher.returncode == 0, stderr[-3000:]
-    assert stdout.splitlines()[0] == ("pipeline: messages every pair: p2p (gloo) (no shm: it needs Linux (memfd and "
-                                      "futex), and this is a test)"), stdout[:1000]
+    first = re.sub(r"get [0-9.]+ MiB", "get N MiB", stdout.splitlines()[0])
+    assert first == f"pipeline: messages every pair: p2p (gloo) (no shm: {AUTO_FALLBACKS[case]})", stdout[:1000]
+    assert "pipeline: done steps=5" in stdout
+    assert left_in_dev_shm(before) == []
 
 
 # rank 1's line when rank 0 is SIGKILLed: its own (rank 0 gone, or silent) if it notices first, else the

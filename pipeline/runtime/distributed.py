@@ -20,6 +20,7 @@ all-reduce per stage and step does.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import itertools
 import os
@@ -337,34 +338,65 @@ def _gather(comm: Comm, values: list[int], what: str) -> list[list[int]]:
     return [t.tolist() for t in everyone]
 
 
-def _attach_shared_memory(comm: Comm, ring_bytes: int) -> None:
+class _NoSharedMemory(Exception):
+    """A rank could not make or map its segment (`cause`; `advice`: what a user of shm can do about it);
+    every rank of the pipeline learns it in the same gather."""
+
+    def __init__(self, cause: str, advice: str):
+        super().__init__(cause)
+        self.cause, self.advice = cause, advice
+
+
+def _attach_shared_memory(comm: Comm, ring_bytes: int, strict: bool) -> None:
     """Replace this process's P2P endpoint by one that reaches the pipeline ranks on its host through
-    shared memory (the rest stay P2P). Every rank of the pipeline calls it at the same point."""
+    shared memory (the rest stay P2P). Every rank of the pipeline calls it at the same point. If a rank
+    cannot make or map a segment, every rank knows: strict (pipeline.transport=shm) refuses the run in
+    one line; auto keeps P2P everywhere and its first line says why."""
     (rank,) = comm.local_ranks
-    fallback = comm.transports[rank]
     hosts = _gather(comm, _host(), "sharing out the hosts")
     local = [r for r, host in enumerate(hosts) if host == hosts[rank]]
-    peers = [r for r in local if r != rank]
     ring_bytes = -(-min(max(ring_bytes, RING_LIMITS[0]), RING_LIMITS[1]) // 4096) * 4096
+    try:
+        comm.transports[rank] = _map_segments(comm, local, ring_bytes)
+    except _NoSharedMemory as err:
+        if strict:
+            raise ConfigError(f"pipeline.transport=shm: {err.cause}; {err.advice}") from None
+        comm.links += f" (no shm: {err.cause})"
+        return
+    comm.links = _describe_links(hosts, dist.get_backend())
+
+
+def _map_segments(comm: Comm, local: list[int], ring_bytes: int) -> shm.ShmTransport:
+    """Make this rank's segment, map its host peers', and build the transport over them; raises
+    _NoSharedMemory (on every rank, with nothing left mapped) when any rank fails at either."""
+    (rank,) = comm.local_ranks
+    peers = [r for r in local if r != rank]
     size = shm.segment_bytes(len(peers), ring_bytes)
+    own, fd, failed = None, -1, 0
     try:
         own, fd = shm.Segment.create(size, f"pipeline-rank{rank}")
     except OSError as err:
-        raise ConfigError(f"pipeline.transport=shm: rank {rank} could not get {size / 2**20:.1f} MiB of shared "
-                          f"memory ({err.strerror}); free memory or use pipeline.transport=p2p") from None
-    where = _gather(comm, [os.getpid(), fd, size], "sharing out the shared memory")
-    segments, failed = {rank: own}, []
+        failed = err.errno or errno.ENOMEM
+    where = _gather(comm, [os.getpid(), fd, size, failed], "sharing out the shared memory")
+    made = [r for r, (_, _, _, code) in enumerate(where) if code]
+    if made:
+        _unmap({rank: own} if own else {}, fd)
+        r, code = made[0], where[made[0]][3]
+        raise _NoSharedMemory(f"rank {r} could not get {where[r][2] / 2**20:.1f} MiB of shared memory "
+                              f"({os.strerror(code)})", "free memory or use pipeline.transport=p2p")
+    segments, failed_map = {rank: own}, [-1, 0]
     for peer in peers:
         try:
-            segments[peer] = shm.Segment.open(*where[peer])
+            segments[peer] = shm.Segment.open(*where[peer][:3])
         except OSError as err:
-            failed = [peer, err.errno]
-    failures = _gather(comm, failed or [-1, 0], "mapping the shared memory")  # every segment mapped where it can be
+            failed_map = [peer, err.errno or errno.EACCES]
+    failures = _gather(comm, failed_map, "mapping the shared memory")  # every segment mapped where it can be
     os.close(fd)  # nothing names the memory any more (each mmap holds its own duplicate, closed with it)
-    for r, (peer, errno) in enumerate(failures):
+    for r, (peer, code) in enumerate(failures):
         if peer >= 0:
-            raise ConfigError(f"pipeline.transport=shm: rank {r} could not map rank {peer}'s shared memory "
-                              f"({os.strerror(errno)}); use pipeline.transport=p2p")
+            _unmap(segments)
+            raise _NoSharedMemory(f"rank {r} could not map rank {peer}'s shared memory ({os.strerror(code)})",
+                                  "use pipeline.transport=p2p")
 
     def base(receiver: int, sender: int) -> int:  # where sender's ring sits in receiver's segment
         senders = [r for r in local if r != receiver]
@@ -374,9 +406,16 @@ def _attach_shared_memory(comm: Comm, ring_bytes: int) -> None:
     outgoing = {dst: shm.Channel(segments[dst], base(dst, rank), ring_bytes) for dst in peers}
     pids = {r: where[r][0] for r in peers}
     spin_s = shm.SPIN_S if len(local) <= len(os.sched_getaffinity(0)) else 0.0  # never poll on a shared core
-    comm.transports[rank] = shm.ShmTransport(rank, comm.timeout_s, own, incoming, outgoing, segments, pids,
-                                             fallback=fallback, spin_s=spin_s)
-    comm.links = _describe_links(hosts, dist.get_backend())
+    return shm.ShmTransport(rank, comm.timeout_s, own, incoming, outgoing, segments, pids,
+                            fallback=comm.transports[rank], spin_s=spin_s)
+
+
+def _unmap(segments: dict[int, shm.Segment], fd: int = -1) -> None:
+    """Give back segments that will carry nothing (and this rank's descriptor, when still open)."""
+    for segment in segments.values():
+        segment.close()
+    if fd >= 0:
+        os.close(fd)
 
 
 def _describe_links(hosts: list[list[int]], backend: str) -> str:
@@ -398,7 +437,7 @@ def _host_local(env: Env, num_ranks: int, conf: DistConfig, ring_bytes: int, str
         raise ConfigError(f"pipeline.transport=shm cannot run here: {reason}; use pipeline.transport=auto or p2p")
     with _point_to_point(env, num_ranks, conf) as comm:
         if comm.distributed and reason is None:
-            _attach_shared_memory(comm, ring_bytes)
+            _attach_shared_memory(comm, ring_bytes, strict)
         elif comm.distributed:
             comm.links += f" (no shm: {reason})"
         yield comm
