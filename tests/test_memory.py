@@ -12,7 +12,7 @@ import torch
 
 from pipeline import memory
 from pipeline.config import compose
-from pipeline.planning.memory import held_bytes
+from pipeline.planning.memory import held_bytes, stash_bytes
 from pipeline.schedules.registry import SCHEDULES
 from pipeline.training.equivalence import problem
 from pipeline.training.footprint import MEASURED, calculate, measure
@@ -126,3 +126,35 @@ def test_bad_input_is_one_line_and_exit_code_2(args, message, capsys):
     assert stopped.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith(message) and len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize("activation", ["relu", "gelu"])
+def test_an_activation_handed_to_the_next_stage_on_the_same_rank_counts_once(activation):
+    """At p = 1 every stage is on the one rank, and a stage's output h is the next stage's input x in both
+    stashes: cut into 2 stages (v = 2), GPipe holds exactly the bytes it holds uncut (v = 1), measured and
+    predicted alike. Counted once per stash (the old way), v = 2 would hold one more activation per
+    micro-batch under relu, whose layers keep h; gelu keeps z instead, and shares nothing."""
+    base = problem(schedule="gpipe", microbatches=4)
+    base = replace(base, model=replace(base.model, activation=activation))
+    figures = {}
+    for v in (1, 2):
+        conf = replace(base, pipeline=replace(base.pipeline, virtual_stages=v))
+        figures[v] = (measure(conf, 1)["peak_stash_bytes"], [m.stash for m in calculate(conf, 1).ranks])
+    assert figures[1][0] == figures[1][1] == figures[2][0] == figures[2][1], figures
+
+
+def test_the_v_turn_rank_holds_the_activation_its_two_stages_share_once():
+    """DualPipeV at p = 2: rank 1 holds stages 1 and 2, and stage 1's output is stage 2's input. The
+    measured peak equals the prediction exactly, and is below what counting each stash on its own gives."""
+    conf = problem(schedule="dualpipe_v", microbatches=4, virtual_stages=2)
+    meas, calc = measure(conf, 2), calculate(conf, 2)
+    assert meas["peak_stash_bytes"] == [m.stash for m in calc.ranks]
+    plan, spec, stages = calc.plan, calc.spec, list(calc.plan.stage_layers)
+    mb_sizes = [len(rows) for rows in torch.arange(conf.train.batch_size).tensor_split(plan.num_microbatches)]
+    live, peak = 0, 0  # each (stage, micro-batch) stash counted on its own, the shared activation twice
+    for a in plan.train_schedule[1]:
+        rows, layers = mb_sizes[a.mb_index], stages[a.stage_index]
+        before, after = stash_bytes(spec, layers, rows), stash_bytes(spec, layers, rows, after_b=True)
+        live += {"F": before, "B": after - before, "W": -after, "BW": -before}.get(a.kind, 0)
+        peak = max(peak, live)
+    assert meas["peak_stash_bytes"][1] < peak

@@ -85,12 +85,17 @@ class Saved:
 
     def nbytes(self, seen: set[int]) -> int:
         """Bytes of the tensors held here and not already counted in `seen` (by storage address)."""
-        total = 0
+        held: set[tuple[int, int]] = set()
+        self.tensors(held)
+        held = {(ptr, n) for ptr, n in held if ptr not in seen}
+        seen.update(ptr for ptr, _ in held)
+        return sum(n for _, n in held)
+
+    def tensors(self, into: set[tuple[int, int]]) -> None:
+        """Add the tensors held here to `into` as (storage address, bytes): a tensor held twice is one entry."""
         for t in (self.x, self.z, self.h, self.dz):
-            if t is not None and t.data_ptr() not in seen:
-                seen.add(t.data_ptr())
-                total += t.numel() * t.element_size()
-        return total
+            if t is not None:
+                into.add((t.data_ptr(), t.numel() * t.element_size()))
 
 
 class Layer:

@@ -112,8 +112,18 @@ class Stage:
     @staticmethod
     def stash_nbytes(stash: Stash) -> int:
         """Bytes a micro-batch's stash holds (a tensor shared by two layers counts once)."""
-        seen: set[int] = set()
-        return sum(saved.nbytes(seen) for saved in stash if saved is not None)
+        return sum(n for _, n in Stage.stash_tensors(stash))
+
+    @staticmethod
+    def stash_tensors(stash: Stash) -> set[tuple[int, int]]:
+        """The tensors a micro-batch's stash holds, as (storage address, bytes): a tensor shared by two layers
+        is one entry, and one shared with the next stage's stash, when that stage is on this rank, is the
+        same entry there (the runtime counts it once)."""
+        held: set[tuple[int, int]] = set()
+        for saved in stash:
+            if saved is not None:
+                saved.tensors(held)
+        return held
 
     def predict(self, x: Tensor) -> Tensor:
         """Forward without keeping anything: what prediction needs."""

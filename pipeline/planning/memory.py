@@ -94,17 +94,8 @@ def stash_bytes(spec: MLPSpec, layers: range, rows: int, after_b: bool = False, 
     After B (split B and W): each layer's x and dJ/dz, with or without recompute.
     All of it in the compute dtype (model.compute_dtype, else model.dtype).
     """
-    element = _element(spec.torch_compute_dtype)
-    has_act = [i < spec.num_layers - 1 for i in range(spec.num_layers)]
-    from_output = ACTIVATIONS[spec.activation].from_output
-    if after_b:
-        return rows * element * sum(spec.dims[i] + spec.dims[i + 1] for i in layers)
-    if recompute:
-        return rows * element * spec.dims[layers[0]]
-    count = sum(spec.dims[i] + (spec.dims[i + 1] if has_act[i] and not from_output else 0) for i in layers)
-    if has_act[layers[-1]] and from_output:
-        count += spec.dims[layers[-1] + 1]
-    return rows * element * count
+    widths = _stash_tensors(spec, layers, 0, after_b, recompute).values()
+    return rows * _element(spec.torch_compute_dtype) * sum(widths)
 
 
 def optimizer_bytes(conf, param_bytes: int, num_tensors: int) -> int:
@@ -119,22 +110,49 @@ def optimizer_bytes(conf, param_bytes: int, num_tensors: int) -> int:
 def live_stash_bytes(actions: list[Action], spec: MLPSpec, stage_layers: list[range], mb_sizes: list[int],
                      recompute: bool = False) -> list[int]:
     """Stashed bytes one rank holds after each of its actions, counted as the runtime counts them:
-    F adds a micro-batch's stash, B swaps it for its after-B size (x and dJ/dz), W and BW free it."""
-    before = {s: stash_bytes(spec, layers, 1, recompute=recompute) for s, layers in enumerate(stage_layers)}
-    after = {s: stash_bytes(spec, layers, 1, after_b=True) for s, layers in enumerate(stage_layers)}
-    live, held = 0, []
+    F adds a micro-batch's stash, B swaps it for its after-B contents (x and dJ/dz), W and BW free it.
+    Each activation counts once: a stage's output h handed to the next stage on this rank is that
+    stage's input x, in both stashes (the V's turn, or every stage at p = 1), until both let it go."""
+    element = _element(spec.torch_compute_dtype)
+    held: dict[tuple, int] = {}  # tensor -> how many stashes hold it
+    stashes: dict[tuple[int, int], dict[tuple, int]] = {}  # (stage, mb) -> its tensors and their bytes
+    live, out = 0, []
     for a in actions:
-        s, rows = a.stage_index, mb_sizes[a.mb_index]
-        if a.kind == "F":
-            live += before[s] * rows
-        elif a.kind == "B":
-            live += (after[s] - before[s]) * rows
-        elif a.kind == "W":
-            live -= after[s] * rows
-        elif a.kind == "BW":
-            live -= before[s] * rows
-        held.append(live)
-    return held
+        if a.kind in ("F", "B", "W", "BW"):
+            key, rows = (a.stage_index, a.mb_index), mb_sizes[a.mb_index]
+            before = stashes.pop(key, {})
+            after = {} if a.kind in ("W", "BW") else {
+                t: rows * element * width for t, width in
+                _stash_tensors(spec, stage_layers[a.stage_index], a.mb_index, a.kind == "B", recompute).items()}
+            for t in after.keys() - before.keys():
+                held[t] = held.get(t, 0) + 1
+                live += after[t] if held[t] == 1 else 0
+            for t in before.keys() - after.keys():
+                held[t] -= 1
+                live -= before[t] if held[t] == 0 else 0
+            if after:
+                stashes[key] = after
+        out.append(live)
+    return out
+
+
+def _stash_tensors(spec: MLPSpec, layers: range, mb: int, after_b: bool, recompute: bool) -> dict[tuple, int]:
+    """What one micro-batch's stash on a stage holds (see stash_bytes), each tensor named by what it is:
+    ("a", i, mb) is layer i's input (layer i-1's h), ("z", i, mb) its pre-activation, ("dz", i, mb) its
+    dJ/dz; the values are their widths."""
+    dims, first, last = spec.dims, layers[0], layers[-1]
+    if recompute and not after_b:
+        return {("a", first, mb): dims[first]}
+    named = {("a", i, mb): dims[i] for i in layers}  # each layer's x
+    if after_b:
+        return {**named, **{("dz", i, mb): dims[i + 1] for i in layers}}
+    has_act = [i < spec.num_layers - 1 for i in range(spec.num_layers)]
+    if ACTIVATIONS[spec.activation].from_output:
+        if has_act[last]:
+            named[("a", last + 1, mb)] = dims[last + 1]  # the stage's output h (inside, h is the next x)
+    else:
+        named.update({("z", i, mb): dims[i + 1] for i in layers if has_act[i]})
+    return named
 
 
 def peak_stash_bytes(schedule: Schedule, spec: MLPSpec, stage_layers: list[range],

@@ -3,7 +3,9 @@
 The runtime never decides order: the schedule does. Per (stage, micro-batch) it keeps
 
     inputs       the stage's input, from the data, a receive, or the previous stage on this rank
-    stash        what the stage's backward needs (each layer's x, z, later dJ/dz), from F until W
+    stash        what the stage's backward needs (each layer's x, z, later dJ/dz), from F until W;
+                 its bytes are counted per tensor, so an output handed to the next stage on this
+                 rank, which both stashes hold, counts once (as it is held once)
     grads        dJ/d(stage output), from the loss (last stage), a receive, or the next local stage
     outbox       an output or input gradient waiting for its SEND
 
@@ -76,7 +78,9 @@ class _StepState:
     grads: dict[Key, Tensor] = field(default_factory=dict)
     outbox: dict[Key, Tensor] = field(default_factory=dict)
     awaiting_b: set[Key] = field(default_factory=set)
-    stash_bytes: dict[Key, int] = field(default_factory=dict)
+    stash_tensors: dict[Key, set[tuple[int, int]]] = field(default_factory=dict)  # per stash: (address, bytes)
+    held: dict[tuple[int, int], int] = field(default_factory=dict)  # every stashed tensor: how many stashes hold it
+    held_bytes: int = 0  # the bytes of `held`: what the stashes hold, each tensor once
     weights_done: dict[int, int] = field(default_factory=dict)  # per stage: micro-batches past W (or BW)
 
 
@@ -159,7 +163,7 @@ class Runtime:
         if st.training:
             y, st.stash[(s, mb)] = stage.forward(x)
             st.awaiting_b.add((s, mb))
-            st.stash_bytes[(s, mb)] = Stage.stash_nbytes(st.stash[(s, mb)])
+            self._recount((s, mb))
             self._note_peaks()
         else:
             y = stage.predict(x)
@@ -174,7 +178,23 @@ class Runtime:
         st, r = self.state, self.result
         r.peak_stash = max(r.peak_stash, len(st.stash))
         r.peak_awaiting_b = max(r.peak_awaiting_b, len(st.awaiting_b))
-        r.peak_stash_bytes = max(r.peak_stash_bytes, sum(st.stash_bytes.values()))
+        r.peak_stash_bytes = max(r.peak_stash_bytes, st.held_bytes)
+
+    def _recount(self, key: Key) -> None:
+        """Update the held tensors after stash `key` changed (F made it, B shrank it, W or BW freed it)."""
+        st = self.state
+        before = st.stash_tensors.pop(key, set())
+        after = Stage.stash_tensors(st.stash[key]) if key in st.stash else set()
+        for tensor in after - before:
+            st.held[tensor] = st.held.get(tensor, 0) + 1
+            st.held_bytes += tensor[1] if st.held[tensor] == 1 else 0
+        for tensor in before - after:
+            st.held[tensor] -= 1
+            if st.held[tensor] == 0:
+                st.held_bytes -= tensor[1]
+                del st.held[tensor]
+        if after:
+            st.stash_tensors[key] = after
 
     def _loss(self, s: int, mb: int, o: Tensor) -> None:
         o = o.to(self.stages[s].dtype)  # L and dJ/do in model.dtype (float32) from the compute-dtype output
@@ -194,20 +214,20 @@ class Runtime:
         st = self.state
         dx = self.stages[s].backward_input(st.grads.pop((s, mb)), st.stash[(s, mb)])
         st.awaiting_b.discard((s, mb))
-        st.stash_bytes[(s, mb)] = Stage.stash_nbytes(st.stash[(s, mb)])  # z, h gone; dJ/dz kept for W
+        self._recount((s, mb))  # z, h gone; dJ/dz kept for W
         self._note_peaks()
         self._hand_back(s, mb, dx)
 
     def _W(self, s: int, mb: int) -> None:
         self.stages[s].backward_weight(self.state.stash.pop((s, mb)))
-        del self.state.stash_bytes[(s, mb)]
+        self._recount((s, mb))
         self._weight_done(s)
 
     def _BW(self, s: int, mb: int) -> None:
         st = self.state
         dx = self.stages[s].backward(st.grads.pop((s, mb)), st.stash.pop((s, mb)))
         st.awaiting_b.discard((s, mb))
-        del st.stash_bytes[(s, mb)]
+        self._recount((s, mb))
         self._weight_done(s)
         self._hand_back(s, mb, dx)
 
