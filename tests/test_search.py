@@ -4,7 +4,7 @@ import pytest
 
 from pipeline.config import compose
 from pipeline.errors import ConfigError
-from pipeline.planning import planner
+from pipeline.planning import partition, planner
 from pipeline.planning.costs import Costs, flop_costs
 from pipeline.planning.plan import program_layout
 from pipeline.schedules.actions import Action
@@ -80,22 +80,41 @@ def test_under_unit_costs_the_search_is_never_worse_than_the_best_schedule_at_th
     assert greedy_best <= min(o.step_s for o in families)
 
 
-def test_on_the_uneven_benchmark_model_the_search_reaches_the_bound_the_best_family_reaches():
+def test_on_the_uneven_benchmark_model_the_search_beats_every_family_by_cutting_too():
     """The default benchmark model (256-1024x8-10) at p = 2, m = 8, FLOP-count costs: its seven 1024x1024 layers
     split 4 : 3 over two ranks whatever the cut, so the rank with four is busy the whole step but for the wait for
-    its first input. The greedy V schedule gets there (as DualPipeV does), ahead of ZB-V, ZB-H1 and 1F1B."""
+    its first input. On the configured (uniform) cut the greedy V schedule gets there as DualPipeV does; cutting
+    the first stage down to the small input layer shortens that wait, and only the search may re-cut."""
     conf = compose([*BENCHMARK, "pipeline.transport=inprocess", "pipeline.ranks=2", "pipeline.microbatches=8"])
     spec = model_spec(conf, load_data(conf))
     costs = lambda stages, rows: flop_costs(spec, stages, rows)  # noqa: E731
     plan, option = planner.search(conf, spec, 2, 8, costs, None)
     weighed = planner.weigh(conf, spec, 2, 8, costs)
     families = {(p.schedule, p.virtual_stages): o.step_s for p, o in weighed if not p.origin}
-    greedy_best = min(o.step_s for p, o in weighed if p.origin.startswith("greedy"))
-    assert option.step_s <= min(families.values())
-    assert greedy_best == pytest.approx(min(families.values()))
-    assert all(greedy_best < families[key] for key in (("zb_v", 2), ("zb_h1", 1), ("zb_h2", 1), ("1f1b", 1)))
+    on_the_cut = min(o.step_s for p, o in weighed if p.origin.startswith("greedy") and "cut" not in p.origin)
+    assert on_the_cut == pytest.approx(min(families.values()))
+    assert all(on_the_cut < families[key] for key in (("zb_v", 2), ("zb_h1", 1), ("zb_h2", 1), ("1f1b", 1)))
+    assert option.step_s < min(families.values()) * 0.995  # strictly ahead of DualPipeV, the best family
+    assert plan.origin == "greedy V, limit 3, cut [1, 2, 2, 4]" and plan.stage_layers[0] == range(0, 1)
     result = simulate(plan.train_schedule, plan.placement, 8, costs(list(plan.stage_layers), 32))
     assert max(result.busy.values()) / result.makespan > 0.98
+
+
+def test_a_partition_the_user_lists_is_the_only_cut_the_search_builds_on():
+    conf = compose([*BENCHMARK, "pipeline.transport=inprocess", "pipeline.ranks=2", "pipeline.microbatches=8",
+                    "pipeline.partition=[2,2,2,3]"])
+    spec = model_spec(conf, load_data(conf))
+    weighed = planner.weigh(conf, spec, 2, 8, lambda stages, rows: flop_costs(spec, stages, rows))
+    assert {tuple(p.stage_layers) for p, _ in weighed if p.virtual_stages == 2} == {
+        (range(0, 2), range(2, 4), range(4, 6), range(6, 9))}
+
+
+def test_rank_balanced_cuts_least_work_on_the_busiest_rank_then_the_lightest_first_stage():
+    weights = [0.25] + [1.0] * 7 + [0.01]  # the benchmark model's layers: a small input layer, seven big, a tiny head
+    assert partition.rank_balanced(weights, [0, 1, 1, 0]) == [[1, 2, 2, 4], [1, 1, 3, 4]]  # V: rank 1 gets 4 big
+    assert partition.rank_balanced(weights, [0, 1]) == [[4, 5], [5, 4]]  # 3.25 : 4.01, then 4.25 : 3.01
+    assert partition.rank_balanced([1.0] * 4, [0, 1], keep=3) == [[2, 2], [1, 3], [3, 1]]
+    assert partition.rank_balanced([1.0] * 30, list(range(10)) * 2) == []  # C(29, 19) cuts: too many to try
 
 
 @pytest.mark.parametrize("p", [2, 3])

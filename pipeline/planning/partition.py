@@ -8,6 +8,8 @@ With p ranks and v virtual stages per rank there are p*v stages; under the loope
 
 from __future__ import annotations
 
+import itertools
+import math
 from typing import Sequence
 
 from pipeline.errors import ConfigError
@@ -43,6 +45,31 @@ def balance(weights: Sequence[float], num_stages: int) -> list[int]:
         counts.append(i - cut[k][i])
         i = cut[k][i]
     return counts[::-1]
+
+
+MAX_CUTS = 20000  # rank_balanced enumerates every cut up to this many (9 layers into 4 stages: 56)
+
+
+def rank_balanced(weights: Sequence[float], rank_of_stage: Sequence[int], keep: int = 2) -> list[list[int]]:
+    """Up to `keep` cuts of the layers into len(rank_of_stage) stages that put the least work on the busiest
+    rank (stage s on rank rank_of_stage[s]); among equals, the lightest first stage first (every later
+    stage waits for its first F: it is the pipeline's fill), then the evenest stages (least sum of squared
+    loads: a rank's two stages alike). [] when there are more than MAX_CUTS cuts."""
+    n, num_stages = len(weights), len(rank_of_stage)
+    if not 1 <= num_stages <= n or math.comb(n - 1, num_stages - 1) > MAX_CUTS:
+        return []
+    prefix = list(itertools.accumulate(weights, initial=0.0))
+    scored = []
+    for inner in itertools.combinations(range(1, n), num_stages - 1):
+        bounds = (0, *inner, n)
+        loads: dict[int, float] = {}
+        for s, rank in enumerate(rank_of_stage):
+            loads[rank] = loads.get(rank, 0.0) + prefix[bounds[s + 1]] - prefix[bounds[s]]
+        stage_loads = [prefix[bounds[s + 1]] - prefix[bounds[s]] for s in range(num_stages)]
+        scored.append(((max(loads.values()), stage_loads[0], sum(w * w for w in stage_loads)),
+                       [bounds[s + 1] - bounds[s] for s in range(num_stages)]))
+    scored.sort(key=lambda c: c[0])
+    return [counts for _, counts in scored[:keep]]
 
 
 def layer_counts(spec: MLPSpec, num_stages: int, partition: str | Sequence[int], where: str) -> list[int]:

@@ -16,11 +16,12 @@ from pipeline.config import AUTO, SEARCH, Config
 from pipeline.errors import ConfigError
 from pipeline.mlp import microbatch
 from pipeline.mlp.model import MLPSpec
-from pipeline.planning.costs import Costs, flop_costs
+from pipeline.planning import partition
+from pipeline.planning.costs import KINDS, Costs, flop_costs
 from pipeline.planning.memory import rank_memory
 from pipeline.planning.plan import Plan, configured_plan, cut, layout, num_ranks, program_layout, replica_batch
 from pipeline.schedules import search as list_scheduling
-from pipeline.schedules.placement import looped, v_shape
+from pipeline.schedules.placement import Placement, looped, v_shape
 from pipeline.schedules.registry import SCHEDULES
 from pipeline.schedules.simulator import simulate
 
@@ -105,13 +106,35 @@ def weigh(conf: Config, spec: MLPSpec, p: int, m: int, cost_of: Callable[[list[r
         judged.append((plan, _judge(conf, spec, plan, cost_of(list(plan.stage_layers), rows), budget)))
     placements = {"greedy looped": looped(p), **({"greedy looped v=2": looped(p, 2), "greedy V": v_shape(p)}
                                                  if 2 * p <= spec.num_layers else {})}
+    layer_s = _layer_seconds(spec, cost_of, rows)
     for name, placement in ((n, pl) for n, pl in placements.items() if _cuts(conf, pl.num_stages)):
-        stages = cut(conf, spec, p, placement.num_stages // p, _rule(conf))
-        costs = cost_of(list(stages), rows)
-        for label, _, actions in list_scheduling.candidates({name: placement}, m, costs.duration, costs.transfer):
-            plan = program_layout(SEARCH, actions, placement, m, stages, eval_rows, origin=label)
-            judged.append((plan, _judge(conf, spec, plan, costs, budget)))
+        for stages, cut_label in _search_cuts(conf, spec, p, placement, layer_s):
+            costs = cost_of(list(stages), rows)
+            for label, _, actions in list_scheduling.candidates({name: placement}, m, costs.duration, costs.transfer):
+                plan = program_layout(SEARCH, actions, placement, m, stages, eval_rows, origin=label + cut_label)
+                judged.append((plan, _judge(conf, spec, plan, costs, budget)))
     return judged
+
+
+def _layer_seconds(spec: MLPSpec, cost_of: Callable[[list[range], int], Costs], rows: int) -> list[float]:
+    """F + B + W of each layer alone under the costs: what a rank's share of a cut weighs."""
+    costs = cost_of([range(i, i + 1) for i in range(spec.num_layers)], rows)
+    return [sum(costs.compute[(i, kind)] for kind in KINDS) for i in range(spec.num_layers)]
+
+
+def _search_cuts(conf: Config, spec: MLPSpec, p: int, placement: Placement,
+                 layer_s: list[float]) -> list[tuple[tuple[range, ...], str]]:
+    """The cuts the search builds schedules on: pipeline.partition's, and (unless it lists the counts itself)
+    the ones that leave the busiest rank the least work (partition.rank_balanced), each with its label."""
+    configured = cut(conf, spec, p, placement.num_stages // p, _rule(conf))
+    found = [(configured, "")]
+    if not isinstance(conf.pipeline.partition, tuple):
+        ranks = [placement.rank_of(s) for s in range(placement.num_stages)]
+        for counts in partition.rank_balanced(layer_s, ranks):
+            stages = tuple(partition.stage_layers(counts))
+            if stages != configured:
+                found.append((stages, f", cut {list(counts)}"))
+    return found
 
 
 
