@@ -28,6 +28,7 @@ LR_SCHEDULES = ("constant", "cosine", "linear")  # optim.schedule: the curves of
 DEFAULTS_FOR_ERRORS = {"optim.lr": 0.1, "loss.l2": 1e-4, "dist.timeout_s": 60, "optim.momentum": 0.9}
 DATASETS = ("digits", "synthetic", "npz")
 PARTITIONS = ("uniform", "params", "time")
+SEARCH_COSTS = ("flops", "measured")  # pipeline.search_costs
 # pipeline.transport: the names a user types; runtime.distributed.connect maps each to its transport (one place)
 P2P, IN_PROCESS, SHM = "p2p", "inprocess", "shm"
 TRANSPORTS = {AUTO: "one rank per process (torchrun): shm between the ranks of a host, p2p between hosts and on GPUs",
@@ -94,6 +95,7 @@ class PipelineConfig:
     ranks: int | None = None  # p; with p2p it must equal the world size
     recompute: bool = False  # keep only each stage's input per micro-batch; recompute the rest in its backward
     schedule_file: str | None = None  # with schedule=file: torch's compute-only CSV (.csv) or our action lines
+    search_costs: str = "flops"  # with schedule=search: flops (FLOP counts) | measured (F, B, W timed on every rank)
 
     @property
     def in_process(self) -> bool:
@@ -382,6 +384,7 @@ def _pipeline(raw: Mapping[str, Any]) -> PipelineConfig:
         transport=_choice("pipeline.transport", raw.get("transport", AUTO), TRANSPORTS),
         ranks=_optional_int("pipeline.ranks", raw.get("ranks")),
         recompute=_bool("pipeline.recompute", raw.get("recompute", False)),
+        search_costs=_choice("pipeline.search_costs", raw.get("search_costs", "flops"), SEARCH_COSTS),
     )
 
 

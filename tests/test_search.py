@@ -13,7 +13,9 @@ from pipeline.schedules.placement import looped, v_shape
 from pipeline.schedules.search import greedy
 from pipeline.schedules.simulator import simulate, validate
 from pipeline.training.equivalence import difference, pipelined, problem, reference
+from pipeline.training import checkpoint
 from pipeline.training.setup import load_data, model_spec
+from pipeline.training.trainer import train
 
 pytestmark = pytest.mark.timeout(300)
 UNIT = lambda action: 1.0  # noqa: E731
@@ -123,6 +125,37 @@ def test_training_with_the_searched_schedule_is_exact(tmp_path, p):
     params, summary = pipelined(conf, tmp_path)
     assert summary["schedule"] == "search"
     assert difference(params, reference(conf)) <= 1e-6
+
+
+def test_training_with_a_schedule_searched_from_measured_costs_is_exact_and_says_what_it_built(tmp_path, capsys):
+    conf = problem(schedule="search", ranks=2, microbatches=3, search_costs="measured")
+    summary = train(conf, tmp_path)
+    assert summary["schedule"] == "search"
+    assert difference(checkpoint.load_layers(tmp_path)[1], reference(conf)) <= 1e-6
+    said = [line for line in capsys.readouterr().out.splitlines() if "measured costs" in line]
+    assert len(said) == 1 and said[0].startswith("pipeline: search from measured costs: "), said
+
+
+def test_search_from_measured_costs_on_every_process_builds_from_their_average(monkeypatch):
+    """Each process times the layers; the search builds from the mean (what comm.mean_list returns), so a process
+    whose own timings differ still builds the same schedule as its peers."""
+    conf = compose([*BENCHMARK, "pipeline.transport=inprocess", "pipeline.ranks=2", "pipeline.microbatches=8",
+                    "pipeline.schedule=search", "pipeline.search_costs=measured"])
+    spec = model_spec(conf, load_data(conf))
+    flat = [1.0] * (3 * spec.num_layers)
+    flat[0:3] = [0.25] * 3  # the input layer, a quarter of a big one
+    flat[-3:] = [0.01] * 3  # the head
+    timed = []
+    monkeypatch.setattr(planner, "layer_kind_times", lambda spec, rows, seed: timed.append(rows) or [9.0] * len(flat))
+    plan = planner.make_plan(conf, spec, 1, eval_rows=0)
+    searched = planner.measured_search(conf, spec, plan, 0, lambda mine: flat, "shm")
+    assert timed == [32]  # one micro-batch of the 256-row batch in 8
+    assert searched.origin == "greedy V, limit 3, cut [1, 2, 2, 4]"  # FLOP-like costs: as the FLOP search builds
+
+
+def test_an_unknown_search_cost_is_one_line():
+    with pytest.raises(ConfigError, match=r"pipeline.search_costs='guess'"):
+        compose(["pipeline.search_costs=guess"])
 
 
 def test_search_under_a_budget_nothing_meets_is_one_line():

@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 import statistics
 import time
+from typing import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -139,13 +140,31 @@ def measured_costs(spec: MLPSpec, stage_layers: list[range], rows: int, seed: in
     return Costs(compute, _message_bytes(spec, stage_layers, rows), latency_s=latency_s, bandwidth=bandwidth)
 
 
-def layer_times(spec: MLPSpec, rows: int, seed: int = 0, repeats: int = 5) -> list[float]:
-    """Measured seconds of F + B + W of every layer alone, on a micro-batch of `rows` rows."""
+def layer_kind_times(spec: MLPSpec, rows: int, seed: int = 0, repeats: int = 5) -> list[float]:
+    """Measured seconds of F, B and W of every layer alone on a micro-batch of `rows` rows, flat:
+    [F of layer 0, B of layer 0, W of layer 0, F of layer 1, ...] (a list the ranks can average)."""
     times = []
     for i in range(spec.num_layers):
         stage = Stage(1, 2, build_layers(spec, seed, [i]))  # not the first stage: B computes dJ/dx too
-        times.append(sum(time_stage(stage, rows, repeats).values()))
+        measured = time_stage(stage, rows, repeats)
+        times += [measured[kind] for kind in KINDS]
     return times
+
+
+def summed_costs(spec: MLPSpec, stage_layers: list[range], rows: int, layer_s: Sequence[float],
+                 transport: str = P2P) -> Costs:
+    """Costs of any cut from per-layer seconds (layer_kind_times): each stage's F, B, W the sum of its
+    layers'; each message the latency assumed for `transport`."""
+    compute = {(s, kind): sum(layer_s[len(KINDS) * i + k] for i in layers)
+               for s, layers in enumerate(stage_layers) for k, kind in enumerate(KINDS)}
+    return Costs(compute, _message_bytes(spec, stage_layers, rows), latency_s=assumed_latency_s(transport),
+                 bandwidth=2e9)
+
+
+def layer_times(spec: MLPSpec, rows: int, seed: int = 0, repeats: int = 5) -> list[float]:
+    """Measured seconds of F + B + W of every layer alone, on a micro-batch of `rows` rows."""
+    kinds = layer_kind_times(spec, rows, seed, repeats)
+    return [sum(kinds[i:i + len(KINDS)]) for i in range(0, len(kinds), len(KINDS))]
 
 
 def time_update(stages: list[Stage], optimizer: torch.optim.Optimizer, l2: float, repeats: int = 5) -> float:

@@ -17,7 +17,7 @@ from pipeline.errors import ConfigError
 from pipeline.mlp import microbatch
 from pipeline.mlp.model import MLPSpec
 from pipeline.planning import partition
-from pipeline.planning.costs import KINDS, Costs, flop_costs
+from pipeline.planning.costs import KINDS, Costs, flop_costs, layer_kind_times, summed_costs
 from pipeline.planning.memory import rank_memory
 from pipeline.planning.plan import Plan, configured_plan, cut, layout, num_ranks, program_layout, replica_batch
 from pipeline.schedules import search as list_scheduling
@@ -80,6 +80,17 @@ def search(conf: Config, spec: MLPSpec, p: int, m: int, cost_of: Callable[[list[
     when none fits the budget."""
     budget = math.inf if budget_gib is None else budget_gib * GIB
     return _chosen(conf, p, m, weigh(conf, spec, p, m, cost_of, budget, eval_rows), budget_gib)
+
+
+def measured_search(conf: Config, spec: MLPSpec, plan: Plan, eval_rows: int,
+                    mean_over_processes: Callable[[list[float]], list[float]], transport: str) -> Plan:
+    """pipeline.search_costs=measured: the search again, from every layer's F, B and W timed on this
+    hardware; every process times them and the times are averaged over the processes, so all build the
+    same schedule (as pipeline.partition=time re-cuts). Messages cost what `transport` is assumed to."""
+    rows = microbatch.sizes(replica_batch(conf), plan.num_microbatches)[0]
+    layer_s = mean_over_processes(layer_kind_times(spec, rows, conf.train.seed))
+    cost_of = lambda stages, r: summed_costs(spec, stages, r, layer_s, transport)  # noqa: E731
+    return search(conf, spec, plan.num_ranks, plan.num_microbatches, cost_of, conf.pipeline.memory_gib, eval_rows)[0]
 
 
 def _chosen(conf: Config, p: int, m: int, judged: list[tuple[Plan, Option]],

@@ -21,12 +21,13 @@ import torch
 from omegaconf import DictConfig
 
 from pipeline import config
-from pipeline.config import Config
+from pipeline.config import SEARCH, Config
 from pipeline.mlp.model import MLPSpec
 from pipeline.planning.costs import channel_bytes
 from pipeline.planning.plan import retime
-from pipeline.planning.planner import make_plan
+from pipeline.planning.planner import make_plan, measured_search
 from pipeline.runtime.distributed import connect, plan_devices, read_env
+from pipeline.runtime.latency import resolve
 from pipeline.runtime.lifecycle import Interrupted
 from pipeline.schedules.simulator import check_in_order
 from pipeline.training import checkpoint, data as datasets, rundir
@@ -58,6 +59,11 @@ def train(cfg: DictConfig | Config, run_dir: str | Path) -> dict[str, Any]:
         with connect(env, plan.num_ranks, conf.pipeline.transport, conf.dist, ring_bytes) as comm:
             if comm.is_root and comm.distributed and plan.num_ranks > 1:  # the run's first line
                 print(f"pipeline: messages {comm.links}", flush=True)
+            if conf.pipeline.schedule == SEARCH and conf.pipeline.search_costs == "measured":
+                plan = measured_search(conf, spec, plan, test_rows, comm.mean_list,
+                                       resolve(conf.pipeline.transport, comm.device))
+                if comm.is_root:
+                    print(f"pipeline: search from measured costs: {plan.origin}", flush=True)
             if conf.pipeline.partition == "time":
                 plan = retime(plan, spec, conf, comm.mean_list)
             engine = Engine(conf, spec, plan, comm)
