@@ -1,6 +1,7 @@
 """Does the simulator predict real step times? Predicted vs measured under torchrun at p=2, per schedule.
 
     python benchmarks/simulator_accuracy.py [--steps 30] [--model default|small] [--schedules ...] [--transport shm]
+    python benchmarks/simulator_accuracy.py --schedules search,dualpipe_v   # the searched schedule beside the best family
 
 Every run and prediction uses one transport (--transport, default shm). Two predictions per
 schedule, both simulated from per-stage F, B, W costs:
@@ -31,7 +32,7 @@ import torch
 
 import harness
 from harness import MODEL_OVERRIDES
-from pipeline.config import TRANSPORTS, compose
+from pipeline.config import SEARCH, TRANSPORTS, compose
 from pipeline.planning.costs import from_trace
 from pipeline.runtime import trace
 from pipeline.schedules.registry import SCHEDULES
@@ -41,10 +42,11 @@ from vs_builtin import stages_per_rank
 
 
 def overrides(model: str, schedule: str, m: int, transport: str = "shm") -> list[str]:
-    """The run of one schedule, at the stages per rank vs_builtin.py compares it at, over `transport`."""
+    """The run of one schedule, at the stages per rank vs_builtin.py compares it at, over `transport`
+    (search: the stages per rank of the plan it builds)."""
+    v = 1 if schedule == SEARCH else stages_per_rank(schedule)
     return MODEL_OVERRIDES[model] + [f"pipeline.schedule={schedule}", f"pipeline.microbatches={m}",
-                                     f"pipeline.virtual_stages={stages_per_rank(schedule)}",
-                                     f"pipeline.transport={transport}"]
+                                     f"pipeline.virtual_stages={v}", f"pipeline.transport={transport}"]
 
 
 def torchrun(args: list[str], steps: int, run_dir: str, traced: bool) -> list[dict]:
@@ -103,10 +105,14 @@ def main() -> int:
     parser.add_argument("--microbatches", type=int, default=8)
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--schedules", default=",".join(SCHEDULES))
+    parser.add_argument("--schedules", default=",".join(SCHEDULES),
+                        help=f"comma-separated, from {', '.join(SCHEDULES)} and {SEARCH} (default: every named one)")
     parser.add_argument("--transport", default="shm", choices=[t for t in TRANSPORTS if t != "inprocess"],
                         help="pipeline.transport of every run and prediction (default shm)")
     args = parser.parse_args()
+    unknown = [name for name in args.schedules.split(",") if name not in (*SCHEDULES, SEARCH)]
+    if unknown:
+        parser.error(f"--schedules: {unknown[0]!r} is unknown; pick from {', '.join(SCHEDULES)}, {SEARCH}")
     torch.set_num_threads(1)
     load = " ".join(f"{x:.2f}" for x in os.getloadavg())
     print(f"model {args.model}, p=2, m={args.microbatches}, transport {args.transport}, {args.steps} steps "
