@@ -380,7 +380,7 @@ def _map_segments(comm: Comm, local: list[int], ring_bytes: int) -> shm.ShmTrans
     where = _gather(comm, [os.getpid(), fd, size, failed], "sharing out the shared memory")
     made = [r for r, (_, _, _, code) in enumerate(where) if code]
     if made:
-        _unmap({rank: own} if own else {}, fd)
+        _unmap({rank: own} if own is not None else {}, fd)
         r, code = made[0], where[made[0]][3]
         raise _NoSharedMemory(f"rank {r} could not get {where[r][2] / 2**20:.1f} MiB of shared memory "
                               f"({os.strerror(code)})", "free memory or use pipeline.transport=p2p")

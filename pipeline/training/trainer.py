@@ -62,6 +62,8 @@ def train(cfg: DictConfig | Config, run_dir: str | Path) -> dict[str, Any]:
             if conf.pipeline.schedule == SEARCH and conf.pipeline.search_costs == "measured":
                 plan = measured_search(conf, spec, plan, test_rows, comm.mean_list,
                                        resolve(conf.pipeline.transport, comm.device))
+                if backend == "nccl":
+                    check_in_order(plan.train_schedule, plan.placement)
                 if comm.is_root:
                     print(f"pipeline: search from measured costs: {plan.origin}", flush=True)
             if conf.pipeline.partition == "time":
