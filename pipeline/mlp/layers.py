@@ -83,14 +83,6 @@ class Saved:
     h: Tensor | None = None  # output, when phi' is written through it
     dz: Tensor | None = None
 
-    def nbytes(self, seen: set[int]) -> int:
-        """Bytes of the tensors held here and not already counted in `seen` (by storage address)."""
-        held: set[tuple[int, int]] = set()
-        self.tensors(held)
-        held = {(ptr, n) for ptr, n in held if ptr not in seen}
-        seen.update(ptr for ptr, _ in held)
-        return sum(n for _, n in held)
-
     def tensors(self, into: set[tuple[int, int]]) -> None:
         """Add the tensors held here to `into` as (storage address, bytes): a tensor held twice is one entry."""
         for t in (self.x, self.z, self.h, self.dz):

@@ -17,8 +17,8 @@ from __future__ import annotations
 import math
 import statistics
 import time
-from typing import Sequence
 from dataclasses import dataclass, field
+from typing import Sequence
 
 import torch
 
