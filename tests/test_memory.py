@@ -12,6 +12,7 @@ import torch
 
 from pipeline import memory
 from pipeline.config import compose
+from pipeline.mlp import microbatch
 from pipeline.planning.memory import held_bytes, stash_bytes
 from pipeline.schedules.registry import SCHEDULES
 from pipeline.training.equivalence import problem
@@ -150,7 +151,7 @@ def test_the_v_turn_rank_holds_the_activation_its_two_stages_share_once():
     meas, calc = measure(conf, 2), calculate(conf, 2)
     assert meas["peak_stash_bytes"] == [m.stash for m in calc.ranks]
     plan, spec, stages = calc.plan, calc.spec, list(calc.plan.stage_layers)
-    mb_sizes = [len(rows) for rows in torch.arange(conf.train.batch_size).tensor_split(plan.num_microbatches)]
+    mb_sizes = microbatch.sizes(conf.train.batch_size, plan.num_microbatches)
     live, peak = 0, 0  # each (stage, micro-batch) stash counted on its own, the shared activation twice
     for a in plan.train_schedule[1]:
         rows, layers = mb_sizes[a.mb_index], stages[a.stage_index]
