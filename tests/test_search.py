@@ -13,7 +13,7 @@ from pipeline.schedules.placement import looped, v_shape
 from pipeline.schedules.search import greedy
 from pipeline.schedules.simulator import simulate, validate
 from pipeline.training.equivalence import difference, pipelined, problem, reference
-from pipeline.training import checkpoint
+from pipeline.training import checkpoint, trainer
 from pipeline.training.setup import load_data, model_spec
 from pipeline.training.trainer import train
 
@@ -136,6 +136,17 @@ def test_training_with_a_schedule_searched_from_measured_costs_is_exact_and_says
     assert len(said) == 1 and said[0].startswith("pipeline: search from measured costs: "), said
 
 
+def test_partition_time_makes_the_search_cut_by_measured_times_and_nothing_re_cuts_it(tmp_path, capsys, monkeypatch):
+    """A re-cut after the search would keep a schedule built for another cut: under partition=time the search
+    builds from measured costs itself, and retime (partition=time's re-cut) never runs."""
+    monkeypatch.setattr(trainer, "retime", lambda *args: pytest.fail("re-cut after the search"))
+    conf = problem(schedule="search", ranks=2, microbatches=3, partition="time")
+    assert train(conf, tmp_path)["schedule"] == "search"
+    assert difference(checkpoint.load_layers(tmp_path)[1], reference(conf)) <= 1e-6
+    said = [line for line in capsys.readouterr().out.splitlines() if "measured costs" in line]
+    assert len(said) == 1, said
+
+
 def test_search_from_measured_costs_on_every_process_builds_from_their_average(monkeypatch):
     """Each process times the layers; the search builds from the mean (what comm.mean_list returns), so a process
     whose own timings differ still builds the same schedule as its peers."""
@@ -172,3 +183,13 @@ def test_search_keeps_b_and_w_apart_and_the_plan_fuses_only_adjacent_pairs():
                    for actions in schedule.values() for a, b in zip(actions, actions[1:]))
     plan = program_layout("search", schedule, looped(2), 3, (range(0, 2), range(2, 4)))
     assert adjacent == 3 == sum(a.kind == "BW" for actions in plan.train_schedule.values() for a in actions)
+
+
+def test_rank_balanced_ties_cuts_whose_loads_differ_only_by_float_rounding():
+    """The benchmark model's FLOP-count seconds: rank 1's load under [1, 2, 2, 4] and under [1, 1, 3, 4] is the same
+    four big layers, summed in another order; the tie goes to the next key, the evener stages."""
+    conf = compose([*BENCHMARK, "pipeline.transport=inprocess", "pipeline.ranks=2", "pipeline.microbatches=8"])
+    spec = model_spec(conf, load_data(conf))
+    layer_s = planner._layer_seconds(spec, lambda stages, rows: flop_costs(spec, stages, rows), 32)
+    assert partition.rank_balanced(layer_s, [0, 1, 1, 0]) == [[1, 2, 2, 4], [1, 1, 3, 4]]
+    assert partition.rank_balanced([w * 1e-3 for w in layer_s], [0, 1, 1, 0]) == [[1, 2, 2, 4], [1, 1, 3, 4]]

@@ -93,13 +93,19 @@ def measured_search(conf: Config, spec: MLPSpec, plan: Plan, eval_rows: int,
     return search(conf, spec, plan.num_ranks, plan.num_microbatches, cost_of, conf.pipeline.memory_gib, eval_rows)[0]
 
 
+def _rank(option: Option) -> tuple[bool, float, float]:
+    """What makes an option better: it fits, then a shorter step (to the nanosecond: predictions equal but for
+    the order their floats were added in tie), then less memory on its fullest rank."""
+    return not option.fits, round(option.step_s, 9), max(option.memory)
+
+
 def _chosen(conf: Config, p: int, m: int, judged: list[tuple[Plan, Option]],
             budget_gib: float | None) -> tuple[Plan, Option]:
     """The fastest of the weighed plans that fits, named search (ConfigError when none fits)."""
     if not judged:
         raise ConfigError(f"pipeline.partition={list(conf.pipeline.partition)} cuts {len(conf.pipeline.partition)} "
                           f"stages, which no schedule the search weighs runs on {p} ranks; use pipeline.partition=uniform")
-    plan, option = min(judged, key=lambda j: (not j[1].fits, j[1].step_s, max(j[1].memory)))
+    plan, option = min(judged, key=lambda j: _rank(j[1]))
     if not option.fits:
         raise ConfigError(f"pipeline.memory_gib={budget_gib}: no schedule fits; the smallest needs "
                           f"{min(max(o.memory) for _, o in judged) / 2 ** 20:.2f} MiB per rank; raise the budget or "
@@ -111,7 +117,7 @@ def _chosen(conf: Config, p: int, m: int, judged: list[tuple[Plan, Option]],
 def weigh(conf: Config, spec: MLPSpec, p: int, m: int, cost_of: Callable[[list[range], int], Costs],
           budget: float = math.inf, eval_rows: int = 0) -> list[tuple[Plan, Option]]:
     """Every plan the search weighs at m micro-batches, with what the simulator predicts for it under the costs."""
-    rows = microbatch.sizes(replica_batch(conf), m)[0]
+    rows, cost_of = microbatch.sizes(replica_batch(conf), m)[0], _once_per_cut(cost_of)
     judged = []
     for plan in _family_plans(conf, spec, p, m, eval_rows):
         judged.append((plan, _judge(conf, spec, plan, cost_of(list(plan.stage_layers), rows), budget)))
@@ -125,6 +131,19 @@ def weigh(conf: Config, spec: MLPSpec, p: int, m: int, cost_of: Callable[[list[r
                 plan = program_layout(SEARCH, actions, placement, m, stages, eval_rows, origin=label + cut_label)
                 judged.append((plan, _judge(conf, spec, plan, costs, budget)))
     return judged
+
+
+def _once_per_cut(cost_of: Callable[[list[range], int], Costs]) -> Callable[[list[range], int], Costs]:
+    """cost_of, asked once per cut and row count: the schedules on one cut share its costs (measured ones are
+    timed once, and every schedule is judged by the same timings)."""
+    known: dict[tuple, Costs] = {}
+
+    def once(stages: list[range], rows: int) -> Costs:
+        key = (tuple((r.start, r.stop) for r in stages), rows)
+        if key not in known:
+            known[key] = cost_of(stages, rows)
+        return known[key]
+    return once
 
 
 def _layer_seconds(spec: MLPSpec, cost_of: Callable[[list[range], int], Costs], rows: int) -> list[float]:
@@ -161,7 +180,7 @@ def options(conf: Config, spec: MLPSpec, p: int, cost_of: Callable[[list[range],
             found.append(_chosen(conf, p, m, judged, budget_gib)[1])
         except ConfigError:  # nothing the search weighs fits the budget at this m
             pass
-    return sorted(found, key=lambda o: (not o.fits, o.step_s, max(o.memory)))
+    return sorted(found, key=_rank)
 
 
 def _flop_costs(spec: MLPSpec) -> Callable[[list[range], int], Costs]:
