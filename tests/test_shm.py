@@ -346,6 +346,11 @@ REFUSALS = {
                "free memory or use pipeline.transport=p2p", 2)}
 
 
+def sizeless(line: str) -> str:
+    """The line with the segment's size, which follows the default model, written N."""
+    return re.sub(r"get [0-9.]+ MiB", "get N MiB", line)
+
+
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("case", list(REFUSALS))
 def test_shm_that_cannot_start_is_one_line_and_leaves_nothing(case, tmp_path):
@@ -354,8 +359,7 @@ def test_shm_that_cannot_start_is_one_line_and_leaves_nothing(case, tmp_path):
     launcher = torchrun(2, ["tests/workers/shm_refused.py", case, "train.steps=5", "pipeline.transport=shm",
                             f"hydra.run.dir={tmp_path / 'run'}"])
     _, stderr = launcher.communicate(timeout=100)
-    errors = [re.sub(r"get [0-9.]+ MiB", "get N MiB", line)  # the size follows the default model
-              for line in stderr.splitlines() if line.startswith("error:")]
+    errors = [sizeless(line) for line in stderr.splitlines() if line.startswith("error:")]
     assert errors == [f"error: {said}"], stderr[-3000:]  # a user error is said once, by local rank 0
     assert f"exitcode  : {code}" in stderr and "exitcode  : 2" in stderr  # rank 1's own exit code is 2
     assert str(ROOT / "pipeline") not in stderr  # no traceback from our code (torchrun prints its own)
@@ -409,10 +413,21 @@ def test_auto_where_shm_cannot_run_talks_p2p_and_says_why(case, tmp_path):
                             f"hydra.run.dir={tmp_path / 'run'}"])
     stdout, stderr = launcher.communicate(timeout=100)
     assert launcher.returncode == 0, stderr[-3000:]
-    first = re.sub(r"get [0-9.]+ MiB", "get N MiB", stdout.splitlines()[0])
+    first = sizeless(stdout.splitlines()[0])
     assert first == f"pipeline: messages every pair: p2p (gloo) (no shm: {AUTO_FALLBACKS[case]})", stdout[:1000]
     assert "pipeline: done steps=5" in stdout
     assert left_in_dev_shm(before) == []
+
+
+@pytest.mark.timeout(120)
+def test_a_search_from_measured_costs_prices_messages_as_the_transport_auto_fell_back_to(tmp_path):
+    launcher = torchrun(2, ["tests/workers/shm_refused.py", "create", "train.steps=2", "pipeline.transport=auto",
+                            "pipeline.schedule=search", "pipeline.search_costs=measured",
+                            f"hydra.run.dir={tmp_path / 'run'}"])
+    stdout, stderr = launcher.communicate(timeout=100)
+    assert launcher.returncode == 0, stderr[-3000:]
+    said = [line for line in stdout.splitlines() if "search from measured costs" in line]
+    assert len(said) == 1 and said[0].endswith("(messages priced as p2p)"), stdout[:2000]
 
 
 # rank 1's line when rank 0 is SIGKILLed: its own (rank 0 gone, or silent) if it notices first, else the

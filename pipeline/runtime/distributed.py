@@ -123,6 +123,7 @@ class Comm:
         self.pipeline_group = pipeline_group  # None: the whole world is one pipeline
         self.replica_group = replica_group  # None: no other replica
         self.links = "in this process"  # how the ranks' messages travel, in words (the run's first line)
+        self.transport = IN_PROCESS  # the pipeline.transport they take between two ranks of this host
 
     @property
     def is_root(self) -> bool:
@@ -290,7 +291,7 @@ def _point_to_point(env: Env, num_ranks: int, conf: DistConfig, ring_bytes: int 
     endpoint = P2PTransport(r, conf.timeout_s, first_global_rank=grid.pipeline_ranks(grid.replica)[0])
     comm = Comm([r], {r: endpoint}, True, conf.timeout_s, device, grid.replica, grid.num_replicas,
                 pipeline_group, replica_group)
-    comm.links = f"every pair: p2p ({backend})"
+    comm.links, comm.transport = f"every pair: p2p ({backend})", P2P
     yield comm
     # Only after a clean run: wait for every peer, then close. After an error a peer may be gone
     # or stopped, and waiting for it would turn a clear error into a hang; exiting closes sockets.
@@ -363,7 +364,7 @@ def _attach_shared_memory(comm: Comm, ring_bytes: int, strict: bool) -> None:
             raise ConfigError(f"pipeline.transport=shm: {err.cause}; {err.advice}") from None
         comm.links += f" (no shm: {err.cause})"
         return
-    comm.links = _describe_links(hosts, dist.get_backend())
+    comm.links, comm.transport = _describe_links(hosts, dist.get_backend()), SHM
 
 
 def _map_segments(comm: Comm, local: list[int], ring_bytes: int) -> shm.ShmTransport:

@@ -27,7 +27,6 @@ from pipeline.planning.costs import channel_bytes
 from pipeline.planning.plan import retime
 from pipeline.planning.planner import make_plan, measured_search
 from pipeline.runtime.distributed import connect, plan_devices, read_env
-from pipeline.runtime.latency import resolve
 from pipeline.runtime.lifecycle import Interrupted
 from pipeline.schedules.simulator import check_in_order
 from pipeline.training import checkpoint, data as datasets, rundir
@@ -59,14 +58,14 @@ def train(cfg: DictConfig | Config, run_dir: str | Path) -> dict[str, Any]:
         with connect(env, plan.num_ranks, conf.pipeline.transport, conf.dist, ring_bytes) as comm:
             if comm.is_root and comm.distributed and plan.num_ranks > 1:  # the run's first line
                 print(f"pipeline: messages {comm.links}", flush=True)
-            if conf.pipeline.schedule == SEARCH and conf.pipeline.search_costs == "measured":
-                plan = measured_search(conf, spec, plan, test_rows, comm.mean_list,
-                                       resolve(conf.pipeline.transport, comm.device))
+            if conf.pipeline.schedule == SEARCH and _measured_search(conf):
+                plan = measured_search(conf, spec, plan, test_rows, comm.mean_list, comm.transport)
                 if backend == "nccl":
                     check_in_order(plan.train_schedule, plan.placement)
                 if comm.is_root:
-                    print(f"pipeline: search from measured costs: {plan.origin}", flush=True)
-            if conf.pipeline.partition == "time":
+                    print(f"pipeline: search from measured costs: {plan.origin} (messages priced as "
+                          f"{comm.transport})", flush=True)
+            elif conf.pipeline.partition == "time":
                 plan = retime(plan, spec, conf, comm.mean_list)
             engine = Engine(conf, spec, plan, comm)
             engine.input_scaling = datasets.scaling_record(data)  # checkpoint.json keeps it for export
@@ -74,6 +73,13 @@ def train(cfg: DictConfig | Config, run_dir: str | Path) -> dict[str, Any]:
             if comm.is_root:
                 rundir.record_segment(run_dir, cfg, resumed, env.world_size)
             return _fit(conf, spec, engine, data, test_rows, Path(run_dir), resumed)
+
+
+def _measured_search(conf: Config) -> bool:
+    """Does the search build from measured costs? pipeline.search_costs=measured says so, and so does
+    pipeline.partition=time: the search picks the cut with the schedule, so it cuts by the times too (a re-cut
+    after it would keep a schedule built for another cut)."""
+    return conf.pipeline.search_costs == "measured" or conf.pipeline.partition == "time"
 
 
 def _ring_bytes(conf: Config, spec: MLPSpec, plan, test_rows: int) -> int:
