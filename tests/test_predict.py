@@ -6,6 +6,7 @@ import re
 
 import numpy as np
 import pytest
+import torch
 
 from pipeline.predict import main
 from pipeline.training import data
@@ -102,6 +103,22 @@ def test_torchrun_two_processes_equal_one_process_at_one_thread(run):
     one = run_cli(*args, "--out", str(run / "t1.npz"), env={"OMP_NUM_THREADS": "1"})
     assert one.returncode == 0, one.stderr[-2000:]
     assert np.array_equal(np.load(run / "t2.npz")["logits"], np.load(run / "t1.npz")["logits"])
+
+
+def test_a_bfloat16_run_predicts_in_bfloat16_as_its_evaluation_did(tmp_path, capsys):
+    """model.compute_dtype=bfloat16: prediction computes from the weights' bfloat16 copy, as the run's evaluation
+    did, so one pass of the test rows scores exactly what the run scored; the copies are counted as held."""
+    train(make_cfg(*RUN, "model.compute_dtype=bfloat16"), tmp_path / "run")
+    held_out = data.digits(0.2, 0)
+    np.savez(tmp_path / "X.npz", X=held_out.x_test, y=held_out.y_test)
+    out = predicted(capsys, tmp_path / "run", "--data", tmp_path / "X.npz", "--out", tmp_path / "p.npz",
+                    "--batch-size", 359, "--ranks", 2)
+    assert f"pipeline: accuracy {last_test_accuracy(tmp_path / 'run'):.4f}" in out
+    logits = np.load(tmp_path / "p.npz")["logits"]
+    assert logits.dtype == np.float32
+    assert torch.equal(torch.from_numpy(logits).bfloat16().float(), torch.from_numpy(logits))  # bfloat16 values
+    for rank, (pred_p, meas_p, pred_t, meas_t) in memory_lines(out, 2).items():
+        assert pred_p == meas_p and pred_t == meas_t, rank
 
 
 def test_a_v_schedule_run_predicts_with_the_loss_on_rank_0(tmp_path, capsys):

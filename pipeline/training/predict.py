@@ -3,9 +3,10 @@
     read X (and y, if there) -> x' = (x - mean) / std with the run's scaling (checkpoint.json) ->
     plan the run's layout on the P ranks this runs on -> every rank reads its layers from the
     checkpoint, whatever layout wrote it -> passes of --batch-size rows, each cut into micro-batches
-    that flow forward only (Runtime.begin(training=False): no stash for backward) -> the last stage's
-    o of every row: logits, labels = argmax o -> the bytes each rank held, beside what one training
-    step of the same model on the same ranks holds
+    that flow forward only (Runtime.begin(training=False): no stash for backward), in the run's
+    model.compute_dtype as its evaluation computed -> the last stage's o of every row: logits,
+    labels = argmax o -> the bytes each rank held, beside what one training step of the same model
+    on the same ranks holds
 
 Prediction holds the parameters and the activation in flight; training adds gradients, optimizer
 state and the stash (planning/memory.py, the chapter's exercise 3). Both are shown predicted (that
@@ -112,7 +113,7 @@ def prepare(run_dir: str, data_path: str, out_path: str, step: int | None, batch
     meta = checkpoint.read_meta(directory, step)
     conf = _layout_config(run_config(directory), ranks)
     activation = meta.get("math", {}).get("model.activation", conf.model.activation)  # older checkpoints: the config's
-    spec = MLPSpec(tuple(meta["dims"]), activation, meta["bias"], meta["dtype"])
+    spec = MLPSpec(tuple(meta["dims"]), activation, meta["bias"], meta["dtype"], conf.model.compute_dtype)
     inputs = read_inputs(data_path, spec, meta.get("input_scaling"), str(directory))
     plan = _plan(conf, spec)
     state = checkpoint.read_state(directory, step, range(spec.num_layers), meta)  # damaged: refused on every rank
@@ -205,21 +206,25 @@ def _read_archive(path: str) -> tuple[np.ndarray, np.ndarray | None]:
 # --- in the pipeline ----------------------------------------------------------------------------
 
 def _load_weights(engine: Engine, state: checkpoint.State) -> None:
-    """This process's layers from the checkpoint; no gradient is kept (prediction has none)."""
+    """This process's layers from the checkpoint; no gradient is kept (prediction has none). Under the run's
+    model.compute_dtype the layers compute from a copy of the weights, taken here as training takes it."""
     for stage in engine.stages.values():
         for layer in stage.layers:
             for name, param in layer.named_parameters():
                 with torch.no_grad():
                     param.copy_(state.params[layer.index][name])
                 param.grad = None
+        stage.cast_weights()
 
 
 def _forward(engine: Engine, job: Job) -> tuple[torch.Tensor | None, dict[int, int]]:
     """Every row forward through the pipeline in passes of job.batch_size rows, each cut into at most
     pipeline.microbatches micro-batches; returns the logits where the last stage lives (else None)
     and, per local rank, the largest activation a layer took or handed on (bytes)."""
-    device, dtype = engine.comm.device, job.spec.torch_dtype
-    x_all = torch.as_tensor(job.inputs.x, dtype=dtype, device=device) if engine.holds_first else None
+    device, spec = engine.comm.device, job.spec
+    x_all = None
+    if engine.holds_first:  # in model.dtype as training reads it, then rounded as its first layer rounds it
+        x_all = torch.as_tensor(job.inputs.x, dtype=spec.torch_dtype, device=device).to(spec.torch_compute_dtype)
     schedules: dict[int, dict] = {}
     outputs, in_flight = [], {}
     with _watching(engine, in_flight):
@@ -270,8 +275,10 @@ def _prediction_bytes(engine: Engine, in_flight: dict[int, int]) -> list[list[in
     """Per rank [parameters, gradients, optimizer state, in flight] as prediction held them (a collective)."""
     p, slots = engine.plan.num_ranks, [0.0] * (4 * engine.plan.num_ranks)
     for rank in engine.comm.local_ranks:
-        params = [q for s in engine.plan.stages_of(rank) for q in engine.stages[s].parameters()]
-        for i, n in enumerate((*held_bytes(params, engine.optimizers[rank]), in_flight[rank])):
+        stages = [engine.stages[s] for s in engine.plan.stages_of(rank)]
+        held = held_bytes([q for st in stages for q in st.parameters()], engine.optimizers[rank],
+                          [c for st in stages for c in st.compute_copies()])
+        for i, n in enumerate((*held, in_flight[rank])):
             slots[4 * rank + i] = float(n)
     totals = engine.comm.sum_list(slots)
     return [[int(v) for v in totals[4 * r:4 * r + 4]] for r in range(p)]
