@@ -1,13 +1,14 @@
 """Costs, the simulator with per-stage costs, predicted stash bytes, the planner and pipeline.schedule=auto."""
 
 import pytest
+import torch
 
 from pipeline import plan as plan_command
 from pipeline.config import compose
 from pipeline.errors import ConfigError
 from pipeline.mlp.model import MLPSpec
 from pipeline.planning import plan as plan_layout, planner
-from pipeline.planning.costs import Costs, flop_costs
+from pipeline.planning.costs import Costs, flop_costs, layer_kind_times
 from pipeline.planning.memory import peak_stash_bytes, stash_bytes
 from pipeline.planning.partition import stage_layers
 from pipeline.planning.plan import retime
@@ -95,6 +96,16 @@ def test_time_partition_cuts_where_measured_times_say(monkeypatch, tmp_path):
     assert [len(r) for r in retime(plan, spec, conf, lambda t: t).stage_layers] == [7, 1]
     params, _ = pipelined(conf, tmp_path)  # really measured here; any cut trains the same
     assert difference(params, reference(problem())) <= 1e-6
+
+
+def test_timing_layers_leaves_torchs_global_rng_where_it_was():
+    """partition=time and the measured search time layers after the run seeded torch: the run's draws stay its own."""
+    spec = MLPSpec((8, 16, 4), "relu", True, "float32")
+    torch.manual_seed(7)
+    expected = torch.rand(3)
+    torch.manual_seed(7)
+    layer_kind_times(spec, 4, repeats=1)
+    assert torch.equal(torch.rand(3), expected)
 
 
 def test_plan_command_prints_the_table_and_a_choice(capsys):

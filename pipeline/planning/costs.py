@@ -106,9 +106,10 @@ def flop_costs(spec: MLPSpec, stage_layers: list[range], rows: int, flops_per_s:
 def time_stage(stage: Stage, rows: int, repeats: int = 5, loss_name: str | None = None) -> dict[str, float]:
     """Median seconds of F, B and W of one stage on a micro-batch of `rows` random rows; with
     `loss_name`, the last stage's F includes the loss and dJ/do, as the executor's F does."""
-    x = torch.randn(rows, stage.in_dim, dtype=stage.compute_dtype, device=stage.device)  # as a stage receives them
-    dy = torch.randn(rows, stage.out_dim, dtype=stage.compute_dtype, device=stage.device)
-    labels = torch.randint(0, stage.out_dim, (rows,), device=stage.device)
+    own = torch.Generator(device=stage.device).manual_seed(0)  # torch's global RNG stays the run's
+    x = torch.randn(rows, stage.in_dim, dtype=stage.compute_dtype, device=stage.device, generator=own)
+    dy = torch.randn(rows, stage.out_dim, dtype=stage.compute_dtype, device=stage.device, generator=own)
+    labels = torch.randint(0, stage.out_dim, (rows,), device=stage.device, generator=own)
     with_loss = loss_name is not None and stage.is_last
     times: dict[str, list[float]] = {kind: [] for kind in KINDS}
     for round_index in range(repeats + 1):  # round 0 warms up caches and the allocator
