@@ -231,11 +231,15 @@ def test_latency_compares_gloo_a_bare_socket_and_shm():
             and (cells := [c.strip() for c in line.strip("|").split("|")])[0] in ("gloo", "socket", "shm")}
     assert list(rows) == ["gloo", "socket", "shm"], result.stdout
     for link, cells in rows.items():
-        for size in range(2):  # 2 KiB, then 128 KiB: idle, busy median, p90 and mean, woken median and p90
-            idle, median, p90, mean, woken, woken_p90 = map(float, cells[6 * size:6 * size + 6])
+        for size in range(2):  # 2 KiB, then 128 KiB: idle, busy median, p90 and mean, woken and polled median, p90
+            idle, median, p90, mean, woken, woken_p90, polled, polled_p90 = map(float, cells[8 * size:8 * size + 8])
             assert idle > 0 and 0 < median <= p90 and mean > 0 and 0 < woken <= woken_p90, (link, cells)
+            assert 0 < polled <= polled_p90, (link, cells)
     assert "target shm 2 KiB idle <= 20 µs: " in result.stdout
+    assert "target shm 2 KiB busy p90 <= 50 µs (receiver asleep): " in result.stdout
+    assert "target shm 2 KiB busy p90 <= 50 µs (receiver polling): " in result.stdout
     assert "shm 2 KiB to a sleeping receiver from an idle sender (woken): " in result.stdout
+    assert "shm 2 KiB, the sender's own time in its send while busy: " in result.stdout
 
 
 @pytest.mark.parametrize("argv", [["--sizes-kib", "2,x"], ["--sizes-kib", "0"], ["--iters", "0"]])

@@ -21,9 +21,9 @@ def test_every_link_gives_positive_figures_for_each_size():
         (link, n) for link in latency.LINKS for n in (2048, 8192)]
     for lat in got.latencies:
         figures = (lat.pingpong_s, lat.busy_s, lat.busy_mean_s, lat.busy_p90_s, lat.send_s, lat.recv_s,
-                   lat.woken_s, lat.woken_p90_s)
+                   lat.woken_s, lat.woken_p90_s, lat.polled_s, lat.polled_p90_s)
         assert all(math.isfinite(s) and 0 < s < 10 for s in figures), lat
-        assert lat.busy_s <= lat.busy_p90_s and lat.woken_s <= lat.woken_p90_s, lat
+        assert lat.busy_s <= lat.busy_p90_s and lat.woken_s <= lat.woken_p90_s and lat.polled_s <= lat.polled_p90_s
     assert 0 < got.allreduce_s < 10
 
 

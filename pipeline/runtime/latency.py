@@ -21,6 +21,9 @@ to call them. Two ways of timing:
   woken         the busy sender's timing with rank 0 idle after its send (it sleeps instead of
                 computing): over shm rank 1 sleeps on its futex in both, so what the two share is the
                 operating system's wake of a sleeping process, and what busy adds is the compute's share
+  polled        the busy sender's timing with rank 1 in its receive for 0.5 ms only, not 5 ms: over
+                shm it is still polling (shm.SPIN_S) and sees the message without a wake, so this is
+                what the sender's compute alone adds
 
 and the median time of a receive whose message arrived before it began (what a rank pays to take
 a message that is there). Once per measurement, the all-reduce of a few floats that a logged step
@@ -54,6 +57,7 @@ from pipeline.runtime.distributed import Env, connect, shm_unavailable
 
 GLOO, SOCKET = "gloo", "socket"
 LINKS = (GLOO, SOCKET, SHM)  # what `measure` can time, in the order benchmarks/latency.py prints them
+POLLED_LEAD_S = 5e-4  # "polled": the receiver has waited this long, inside shm's poll (shm.SPIN_S), when the send comes
 _OF_TRANSPORT = {P2P: GLOO, SHM: SHM}  # pipeline.transport -> the link its messages take on one CPU host
 
 
@@ -70,6 +74,8 @@ class Latency(NamedTuple):
     recv_s: float  # median time of a receive whose message had arrived
     woken_s: float = math.nan  # median from the send to the receive's end, the receiver asleep, the sender idle
     woken_p90_s: float = math.nan  # 90th percentile of the same
+    polled_s: float = math.nan  # median, the sender computing, the receiver still polling (it waited 0.5 ms)
+    polled_p90_s: float = math.nan  # 90th percentile of the same
 
 
 class Measured(NamedTuple):
@@ -258,7 +264,8 @@ def _time_link(rank: int, link, name: str, plan: dict) -> list:
         busy = sender_busy(rank, link, nbytes, plan["busy_trials"])
         late = late_receive_s(rank, link, nbytes, plan["busy_trials"])
         woken_median, _, woken_p90, _ = sender_busy(rank, link, nbytes, plan["busy_trials"], compute=False)
-        rows.append([name, nbytes, pingpong, *busy, late, woken_median, woken_p90])
+        polled_median, _, polled_p90, _ = sender_busy(rank, link, nbytes, plan["busy_trials"], lead_s=POLLED_LEAD_S)
+        rows.append([name, nbytes, pingpong, *busy, late, woken_median, woken_p90, polled_median, polled_p90])
     return rows
 
 
@@ -283,18 +290,19 @@ def pingpong_s(rank: int, link, nbytes: int, iters: int, repeats: int) -> float:
     return _shared(0, statistics.median(blocks[1:]))
 
 
-def sender_busy(rank: int, link, nbytes: int, trials: int, compute: bool = True
+def sender_busy(rank: int, link, nbytes: int, trials: int, compute: bool = True, lead_s: float = 0.005
                 ) -> tuple[float, float, float, float]:
     """(median, mean, 90th percentile) seconds from rank 0's send to the end of rank 1's receive,
     while rank 0 computes right after the send (or, without `compute`, sleeps as long), and the median
-    of rank 0's time in the send (the same figures on both ranks)."""
+    of rank 0's time in the send (the same figures on both ranks). Rank 1 has waited about `lead_s` in
+    its receive when the send comes."""
     weight, x = torch.randn(1024, 1024), torch.randn(32, 1024)
     out, into = torch.ones(nbytes // 4), torch.zeros(nbytes // 4)
     stamps, in_send = [], []
     for i in range(trials + 2):  # the first two warm up
         dist.barrier()
         if rank == 0:
-            time.sleep(0.005)  # rank 1 is surely waiting in its receive (over shm: asleep on its futex)
+            time.sleep(lead_s)  # rank 1 is waiting in its receive (over shm, past its poll: asleep on its futex)
             stamps.append(time.perf_counter())
             link.send(out, i)
             in_send.append(time.perf_counter() - stamps[-1])
