@@ -12,7 +12,11 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
+import torch.distributed as dist
 
+from pipeline.runtime.distributed import Comm
+from pipeline.runtime.transport import Terminated
 from tests.conftest import ROOT
 
 pytestmark = pytest.mark.timeout(240)
@@ -132,3 +136,18 @@ def test_a_lost_peer_makes_the_others_exit_with_a_clear_message(nproc, sig, tran
 KILLED = (r"error: rank \d: (no answer within 4 s \(dist.timeout_s\) at .*|rank 1 \(pid \d+\) is gone at .*"
           r"|terminated by the launcher \(SIGTERM\); no rank reported a failure, so the launcher itself was stopped "
           r"\(or a rank was killed without a word\))")
+
+
+class _TerminatedWait:
+    def wait(self, timeout):
+        raise Terminated("rank 0: terminated by the launcher (SIGTERM)")
+
+
+def test_a_sigterm_inside_a_collective_still_says_what_the_rank_waited_on(monkeypatch):
+    """torchrun's SIGTERM can land in the all_reduce before gloo notices the peer that left: hang_report.json
+    still names the collective."""
+    monkeypatch.setattr(dist, "all_reduce", lambda *args, **kwargs: _TerminatedWait())
+    comm = Comm([0], {}, True, 5.0, torch.device("cpu"), 0, 1, None, None)
+    with pytest.raises(Terminated) as caught:
+        comm.sum_world([1.0])
+    assert caught.value.report["waiting_on"] == "all_reduce"

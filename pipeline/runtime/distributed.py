@@ -164,7 +164,8 @@ class Comm:
         total = torch.tensor(values, dtype=torch.float64, device=self.device)
         try:
             dist.all_reduce(total, group=group, async_op=True).wait(timedelta(seconds=self.timeout_s))
-        except PeerTimeout:  # a SIGTERM (Terminated) that landed in the wait is no timeout
+        except PeerTimeout as err:  # a SIGTERM (Terminated) that landed in the wait is no timeout
+            err.report.setdefault("waiting_on", what)  # hang_report.json: where the launcher found this rank
             raise
         except RuntimeError as err:
             error = PeerTimeout(f"rank {dist.get_rank()}: no answer within {self.timeout_s:g} s (dist.timeout_s) "
@@ -179,7 +180,8 @@ class Comm:
         try:
             dist.monitored_barrier(timeout=timedelta(seconds=self.timeout_s)) if dist.get_backend() == "gloo" \
                 else dist.barrier()
-        except PeerTimeout:  # a SIGTERM (Terminated) that landed in the wait is no barrier failure
+        except PeerTimeout as err:  # a SIGTERM (Terminated) that landed in the wait is no barrier failure
+            err.report.setdefault("waiting_on", f"barrier ({what})")
             raise
         except RuntimeError as err:
             error = PeerTimeout(f"rank {dist.get_rank()}: barrier ({what}) failed: {str(err).splitlines()[0]}")
@@ -329,7 +331,8 @@ def _gather(comm: Comm, values: list[int], what: str) -> list[list[int]]:
     try:
         dist.all_gather(everyone, mine, group=comm.pipeline_group, async_op=True).wait(
             timedelta(seconds=comm.timeout_s))
-    except PeerTimeout:  # a SIGTERM (Terminated) that landed in the wait
+    except PeerTimeout as err:  # a SIGTERM (Terminated) that landed in the wait
+        err.report.setdefault("waiting_on", f"shared-memory set-up ({what})")
         raise
     except RuntimeError as err:
         error = PeerTimeout(f"rank {dist.get_rank()}: shared-memory set-up ({what}) failed: "
