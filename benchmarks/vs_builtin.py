@@ -463,19 +463,24 @@ def shm_targets(res: dict) -> list[str]:
         bound = c["seq_s"] / (P * c["ideal_unit"])
         out.append(f"1f1b m=8 over shm against its limit T_seq / (p (1 − bubble)) = {ms(bound)} ms: "
                    f"{ms(c['median_s']['shm'])} ms, {c['median_s']['shm'] / bound:.2f}× the limit")
-        cut = c["seq_s"] / (P * c["ideal_flops"])  # the stages are as uneven as their FLOPs: the floor of this cut
+        cut = _cut_limit_s(c)
         out.append(f"1f1b m=8 on this cut, T_seq / (p (1 − bubble of the FLOP-weighted stages)) = {ms(cut)} ms: "
                    f"{c['median_s']['shm'] / cut:.2f}× it; a runtime that reached it would read "
                    f"{cut / c['median_s']['built-in']:.2f}× the built-in (against the ≤ {limit} target)")
     return out
 
 
+def _cut_limit_s(c: dict) -> float:
+    """The step time of the cut a config runs at its limit: T_seq / (p (1 − bubble of the FLOP-weighted stages))."""
+    return c["seq_s"] / (P * c["ideal_flops"])
+
+
 def _at_the_limit(c: dict) -> str:
-    """What a runtime at this config's limit, T_seq / (p (1 − bubble of the FLOP-weighted stages)), would read
-    against the built-in ('' where T_seq was not measured)."""
+    """What a runtime at this config's limit (_cut_limit_s) would read against the built-in ('' where T_seq
+    was not measured)."""
     if "seq_s" not in c:
         return ""
-    return f" (at this cut's limit: {c['seq_s'] / (P * c['ideal_flops']) / c['median_s']['built-in']:.2f})"
+    return f" (at this cut's limit: {_cut_limit_s(c) / c['median_s']['built-in']:.2f})"
 
 
 def targets(res: dict) -> list[str]:

@@ -58,17 +58,19 @@ def rank_balanced(weights: Sequence[float], rank_of_stage: Sequence[int], keep: 
     n, num_stages = len(weights), len(rank_of_stage)
     if not 1 <= num_stages <= n or math.comb(n - 1, num_stages - 1) > MAX_CUTS:
         return []
-    prefix = list(itertools.accumulate(weights, initial=0.0))
-    total = prefix[-1] or 1.0  # keys are compared as fractions of it, to 9 digits: sums that are equal but were
-    scored = []  # added in another order (a + b - c against a + (b - c)) tie, and the next key decides
+    # loads as fractions of the total, keys compared to 9 digits: sums that are equal but were added in another
+    # order (a + b - c against a + (b - c)) tie, and the next key decides
+    total = sum(weights) or 1.0
+    prefix = list(itertools.accumulate((w / total for w in weights), initial=0.0))
+    scored = []
     for inner in itertools.combinations(range(1, n), num_stages - 1):
         bounds = (0, *inner, n)
         loads: dict[int, float] = {}
         for s, rank in enumerate(rank_of_stage):
             loads[rank] = loads.get(rank, 0.0) + prefix[bounds[s + 1]] - prefix[bounds[s]]
         stage_loads = [prefix[bounds[s + 1]] - prefix[bounds[s]] for s in range(num_stages)]
-        key = (max(loads.values()), stage_loads[0], sum(w * w for w in stage_loads) / total)
-        scored.append((tuple(round(k / total, 9) for k in key), [bounds[s + 1] - bounds[s] for s in range(num_stages)]))
+        key = (max(loads.values()), stage_loads[0], sum(w * w for w in stage_loads))
+        scored.append((tuple(round(k, 9) for k in key), [bounds[s + 1] - bounds[s] for s in range(num_stages)]))
     scored.sort(key=lambda c: c[0])
     return [counts for _, counts in scored[:keep]]
 
