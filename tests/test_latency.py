@@ -27,6 +27,12 @@ def test_every_link_gives_positive_figures_for_each_size():
     assert 0 < got.allreduce_s < 10
 
 
+def test_what_a_simulation_charges_is_timed_without_taking_the_busy_figure_apart():
+    (lat,), _ = latency.measure([2048], [latency.SHM], iters=3, repeats=1, busy_trials=3, timeout_s=50, apart=False)
+    assert 0 < lat.busy_mean_s < 10 and 0 < lat.send_s < 10 and 0 < lat.recv_s < 10
+    assert all(math.isnan(s) for s in (lat.woken_s, lat.woken_p90_s, lat.polled_s, lat.polled_p90_s)), lat
+
+
 def test_an_odd_size_is_rounded_up_to_whole_floats_and_one_link_is_timed_alone():
     (lat,), allreduce = latency.measure([5], [latency.SOCKET], iters=3, repeats=1, busy_trials=2, timeout_s=50)
     assert (lat.link, lat.nbytes) == ("socket", 8) and lat.pingpong_s > 0 and allreduce > 0
@@ -46,7 +52,7 @@ def test_transport_costs_over_shm_split_the_busy_mean_into_send_latency_and_rece
 
     monkeypatch.setattr(latency, "measure", fake_measure)
     costs = latency.transport_costs(2048, "shm", values=6)
-    assert seen == [([2048], ["shm"], {"values": 6})]
+    assert seen == [([2048], ["shm"], {"values": 6, "apart": False})]  # a simulation times only what it charges
     assert costs == pytest.approx(latency.TransportCosts(40e-6, 8e-6, 2e-6, 4e-4))
     latency.transport_costs(2048, "p2p")
     assert seen[-1][1] == ["gloo"]  # p2p on a CPU host is gloo
