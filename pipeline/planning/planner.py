@@ -78,8 +78,15 @@ def search(conf: Config, spec: MLPSpec, p: int, m: int, cost_of: Callable[[list[
     """pipeline.schedule=search: the fastest predicted plan that fits, among greedy list schedules built from
     the costs (looped and V placements, every stash limit) and every schedule of the registry; ConfigError
     when none fits the budget."""
+    return pick(conf, p, m, weigh(conf, spec, p, m, cost_of, eval_rows=eval_rows), budget_gib)
+
+
+def pick(conf: Config, p: int, m: int, judged: list[tuple[Plan, Option]],
+         budget_gib: float | None) -> tuple[Plan, Option]:
+    """search's choice among plans weighed once (weigh), under a memory budget: what fits is judged again
+    here, so one weighing answers for any budget."""
     budget = math.inf if budget_gib is None else budget_gib * GIB
-    return _chosen(conf, p, m, weigh(conf, spec, p, m, cost_of, budget, eval_rows), budget_gib)
+    return _chosen(conf, p, m, [(plan, replace(o, fits=max(o.memory) <= budget)) for plan, o in judged], budget_gib)
 
 
 def measured_search(conf: Config, spec: MLPSpec, plan: Plan, eval_rows: int,
