@@ -12,6 +12,7 @@ from typing import Any, Mapping, Sequence, get_type_hints
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
+import torch
 
 from pipeline.errors import ConfigError
 from pipeline.mlp.layers import ACTIVATIONS
@@ -469,7 +470,20 @@ def parse(cfg: DictConfig | Mapping[str, Any]) -> Config:
         raise ConfigError(f"pipeline.microbatches={conf.pipeline.microbatches} exceeds train.batch_size="
                           f"{conf.train.batch_size}; use at most one micro-batch per example")
     _check_replica_rows(conf)
+    _check_update_scalars(conf)
     return conf
+
+
+def _check_update_scalars(conf: Config) -> None:
+    """The optimizer and the L2 term's gradient hand optim.lr and loss.l2 to torch as scalars in model.dtype,
+    which refuses one past that dtype's largest number with a bare RuntimeError mid-step. Adam's first step
+    divides lr by 1 - beta1 (its bias correction), so its limit is that much lower."""
+    largest = float(torch.finfo(DTYPES[conf.model.dtype]).max)
+    room = 1 - conf.optim.betas[0] if conf.optim.name == "adam" else 1.0
+    for key, value, limit in (("optim.lr", conf.optim.lr, largest * room), ("loss.l2", conf.loss.l2, largest)):
+        if value > limit:
+            raise ConfigError(f"{key}={value:g} overflows model.dtype={conf.model.dtype} in the update (at most "
+                              f"{limit:.3g} there); use a value below {limit:.3g}")
 
 
 def _parallel(raw: Mapping[str, Any], pipeline: PipelineConfig) -> ParallelConfig:

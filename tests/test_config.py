@@ -1,6 +1,7 @@
 """Every config group composes and parses; every bad value is one clear ConfigError."""
 
 import itertools
+import re
 
 import pytest
 import torch
@@ -60,6 +61,9 @@ def test_seed_preset_is_the_chapters_network():
     ("optim.momentum=2", "optim.momentum=2 must be in [0, 1); e.g. optim.momentum=0.9"),
     ("optim.momentum=1", "optim.momentum=1 must be in [0, 1)"),
     ("optim.momentum=-0.5", "optim.momentum=-0.5 must be a finite number >= 0"),
+    ("optim.lr=1e39", "optim.lr=1e+39 overflows model.dtype=float32 in the update (at most 3.4e+38 there); use a "
+                      "value below 3.4e+38"),
+    ("loss.l2=1e39", "loss.l2=1e+39 overflows model.dtype=float32 in the update (at most 3.4e+38 there)"),
     ("data.standardize=maybe", "data.standardize='maybe' must be true or false"),
     ("+experiment=small", "experiment=small: conf/ has no config group 'experiment' (its groups: data, model, optim, "
                           "pipeline), so nothing reads it; pass --config-dir DIR with DIR/experiment/small.yaml"),
@@ -79,6 +83,31 @@ def test_bad_values_name_the_key_and_the_fix(override, message):
     with pytest.raises(ConfigError) as err:
         config.parse(make_cfg(override))
     assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_update_scalars_are_refused_just_past_what_torch_takes_in_model_dtype(tmp_path):
+    """Adam's first step divides lr by 1 - beta1; past the limit torch's optimizer raises a bare RuntimeError
+    (value cannot be converted to type float without overflow) mid-step, at the limit one step trains."""
+    import torch
+
+    from pipeline.training.trainer import NonFiniteLoss, train
+
+    largest = float(torch.finfo(torch.float32).max)
+    tiny = ("data=synthetic", "data.n=32", "data.dim=3", "model.hidden=[4]", "train.batch_size=8", "train.steps=1",
+            "checkpoint.every=0", "train.log_every=1")
+    for name, limit in (("sgd", largest), ("adam", largest * (1 - 0.9))):
+        with pytest.raises(ConfigError, match=re.escape(f"optim.lr={limit * 1.01:g} overflows model.dtype=float32")):
+            config.parse(make_cfg(f"optim={name}", f"optim.lr={limit * 1.01!r}"))
+        with pytest.raises(RuntimeError, match="without overflow"):  # what the check stands in front of
+            params = [torch.nn.Parameter(torch.ones(2))]
+            params[0].grad = torch.ones(2)
+            (torch.optim.SGD(params, lr=limit * 1.01) if name == "sgd" else torch.optim.Adam(params, lr=limit * 1.01)).step()
+        conf = config.parse(make_cfg(*tiny, f"optim={name}", f"optim.lr={limit * 0.99!r}", "loss.l2=3e38"))
+        try:
+            train(conf, tmp_path / name)  # no RuntimeError: the weights may overflow to inf, which the check names
+        except NonFiniteLoss as err:
+            assert "NaN or inf" in str(err)
+    config.parse(make_cfg("model.dtype=float64", "optim.lr=1e39", "loss.l2=1e39"))  # float64 holds them
 
 
 def test_standardize_defaults_per_data_set():

@@ -246,6 +246,36 @@ NAN_RUN = ("data=synthetic", "data.n=120", "data.dim=5", "data.classes=3", "mode
            "train.log_every=5", "checkpoint.every=1", "checkpoint.save_initial=true")
 
 
+def test_all_finite_is_isfinites_answer_also_where_a_finite_tensor_sums_to_inf():
+    from pipeline.training.engine import all_finite
+
+    huge = torch.full((1000,), 3e38)  # every value finite, the sum overflows
+    cases = [torch.zeros(5), huge, -huge, torch.tensor([1.0, float("inf")]), torch.tensor([float("nan"), 2.0]),
+             torch.tensor([float("inf"), float("-inf")]), torch.tensor([1e308, 1e308], dtype=torch.float64),
+             torch.tensor([[0.5, float("-inf")]], dtype=torch.float64)]
+    assert [all_finite(t) for t in cases] == [bool(torch.isfinite(t).all()) for t in cases] \
+        == [True, True, True, False, False, False, True, False]
+
+
+def test_weights_that_went_non_finite_in_the_update_are_named_by_stage(tmp_path, monkeypatch):
+    """The loss of step 2 is finite; its update leaves an inf in stage 1's weights (planted after the real
+    update): the check names the stage and the step, and the last good checkpoint."""
+    from pipeline.training.engine import Engine
+
+    update = Engine.update
+
+    def planting(self, step, measure=False):
+        pending = update(self, step, measure)
+        if step == 2:
+            self.stages[1].layers[0].weight.data[0, 0] = float("inf")
+        return pending
+    monkeypatch.setattr(Engine, "update", planting)
+    with pytest.raises(NonFiniteLoss, match=r"^step 2: the parameters of stage 1 are NaN or inf after the update; "
+                                            r".*\(the last good checkpoint is step 1\)$"):
+        train(make_cfg(*NAN_RUN, "optim.lr=0.1", "train.log_every=1", "pipeline.transport=inprocess",
+                       "pipeline.ranks=2"), tmp_path)
+
+
 def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
     with pytest.raises(NonFiniteLoss) as err:
         train(make_cfg(*NAN_RUN, "train.log_every=1"), tmp_path)
