@@ -34,7 +34,7 @@ class _Rank:
     actions: list[Action] = field(default_factory=list)
     next_f: dict[int, int] = field(default_factory=dict)  # stage -> next micro-batch to forward
     next_b: dict[int, int] = field(default_factory=dict)  # stage -> next micro-batch to take B of
-    pending_w: list[Action] = field(default_factory=list)  # B done, W not yet
+    pending_w: dict[Action, float] = field(default_factory=dict)  # B done, W not yet: W -> when its B ended
     held: dict[int, int] = field(default_factory=dict)  # micro-batch -> its stages here whose W is still to come
 
 
@@ -45,6 +45,10 @@ class _State:
     duration: Duration
     transfer: Duration
     done: dict[Action, float] = field(default_factory=dict)  # action -> end time
+    last_stage: int = field(init=False)  # the loss's stage: its B needs no gradient from downstream
+
+    def __post_init__(self) -> None:
+        self.last_stage = self.placement.num_stages - 1
 
     def arrival(self, producer: Action, consumer_stage: int) -> float | None:
         """When producer's output is usable by consumer_stage (None: not produced yet)."""
@@ -63,7 +67,7 @@ class _State:
             own = self.done.get(Action(s, "F", mb))
             if own is None:
                 return None
-            if s == self.placement.num_stages - 1:
+            if s == self.last_stage:
                 return own
             upstream = self.arrival(Action(s + 1, "B", mb), s)
             return None if upstream is None else max(own, upstream)
@@ -83,7 +87,7 @@ def _choices(rank: _Rank, state: _State, limit: int) -> list[tuple[float, int, A
             f = Action(s, "F", rank.next_f[s])
             if (t := state.ready(f)) is not None:
                 found.append((t, 1, f))
-    found += [(state.done[Action(w.stage_index, "B", w.mb_index)], 2, w) for w in rank.pending_w]
+    found += [(ready, 2, w) for w, ready in rank.pending_w.items()]
     return found
 
 
@@ -111,9 +115,9 @@ def _run(rank: _Rank, state: _State, start: float, action: Action) -> None:
             rank.held[mb] = len(rank.stages)
     elif kind == "B":
         rank.next_b[s] += 1
-        rank.pending_w.append(Action(s, "W", mb))
+        rank.pending_w[Action(s, "W", mb)] = end
     else:
-        rank.pending_w.remove(action)
+        del rank.pending_w[action]
         rank.held[mb] -= 1
         if not rank.held[mb]:
             del rank.held[mb]
@@ -130,8 +134,7 @@ def greedy(placement: Placement, num_microbatches: int, duration: Duration, tran
     for rank in ranks.values():
         rank.next_f = {s: 0 for s in rank.stages}
         rank.next_b = {s: 0 for s in rank.stages}
-    total = 3 * num_microbatches * placement.num_stages
-    while sum(len(r.actions) for r in ranks.values()) < total:
+    for _ in range(3 * num_microbatches * placement.num_stages):  # every action runs once
         options = {r: _choices(rank, state, limit) for r, rank in ranks.items()}
         movable = [(max(ranks[r].free_at, min(c[0] for c in opts)), r) for r, opts in options.items() if opts]
         if not movable:  # cannot happen: a rank holding `limit` micro-batches always has one to move on
