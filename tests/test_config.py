@@ -8,6 +8,7 @@ import torch
 
 from pipeline import config
 from pipeline.errors import ConfigError
+from pipeline.training.trainer import NonFiniteLoss, train
 from tests.conftest import CONF, make_cfg, run_cli
 
 pytestmark = pytest.mark.timeout(120)
@@ -88,10 +89,6 @@ def test_bad_values_name_the_key_and_the_fix(override, message):
 def test_update_scalars_are_refused_just_past_what_torch_takes_in_model_dtype(tmp_path):
     """Adam's first step divides lr by 1 - beta1; past the limit torch's optimizer raises a bare RuntimeError
     (value cannot be converted to type float without overflow) mid-step, at the limit one step trains."""
-    import torch
-
-    from pipeline.training.trainer import NonFiniteLoss, train
-
     largest = float(torch.finfo(torch.float32).max)
     tiny = ("data=synthetic", "data.n=32", "data.dim=3", "model.hidden=[4]", "train.batch_size=8", "train.steps=1",
             "checkpoint.every=0", "train.log_every=1")
@@ -161,15 +158,11 @@ def test_cli_config_errors_exit_2_without_traceback(tmp_path):
 
 
 def test_batch_larger_than_the_data_is_refused(tmp_path):
-    from pipeline.training.trainer import train
-
     with pytest.raises(ConfigError, match="train.batch_size=5000 exceeds the 1438 training rows of digits"):
         train(make_cfg("train.batch_size=5000"), tmp_path)
 
 
 def test_cuda_without_a_gpu_is_refused(tmp_path, monkeypatch):
-    from pipeline.training.trainer import train
-
     monkeypatch.setattr("torch.cuda.is_available", lambda: False)
     with pytest.raises(ConfigError, match="dist.device=cuda but no CUDA device is visible"):
         train(make_cfg("dist.device=cuda", "train.steps=1"), tmp_path)
