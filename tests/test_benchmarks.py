@@ -167,6 +167,12 @@ def test_quickstart_bad_input_exits_2():
     assert result.returncode == 2 and "--steps" in result.stderr.strip().splitlines()[-1]
 
 
+def test_partition_bad_input_exits_2():
+    result = subprocess.run([sys.executable, "benchmarks/partition.py", "--steps", "3"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "--steps must be > 3" in result.stderr.strip().splitlines()[-1]
+
+
 def test_bad_microbatches_are_refused():
     result = subprocess.run([sys.executable, "benchmarks/vs_builtin.py", "--quick", "--microbatches", "3"],
                             cwd=ROOT, capture_output=True, text=True, timeout=60)
