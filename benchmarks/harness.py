@@ -41,12 +41,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def project_env() -> dict[str, str]:
+    """This environment with the repository first on PYTHONPATH: a child process imports this checkout."""
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+
+
 def worker_env(rank: int, world_size: int, port: int) -> dict[str, str]:
     """What torchrun gives a worker, with one thread and gloo on loopback."""
-    return {**os.environ, "RANK": str(rank), "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(rank),
+    return {**project_env(), "RANK": str(rank), "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(rank),
             "LOCAL_WORLD_SIZE": str(world_size), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
-            "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo",
-            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+            "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
 
 
 def start_workers(cmd: list[str], processes: int, logdir: Path, env: dict[str, str] | None = None,
@@ -306,6 +310,19 @@ def median(values: list[float]) -> float:
 def alternating(items: Sequence, i: int) -> Sequence:
     """`items` in order in even repeats, reversed in odd ones: machine drift hits every item alike."""
     return items if i % 2 == 0 else items[::-1]
+
+
+def in_rounds(names: Sequence[str], rounds: int, run_one: Callable[[str], dict], describe: Callable[[dict], str],
+              prefix: str) -> dict[str, list[dict]]:
+    """run_one(name) for every name once per round, the order alternating; per name its results in round
+    order. After each run, a progress line on stderr: [prefix] round i/n name: describe(result)."""
+    results: dict[str, list[dict]] = {name: [] for name in names}
+    for rep in range(rounds):
+        for name in alternating(names, rep):
+            results[name].append(run_one(name))
+            print(f"[{prefix}] round {rep + 1}/{rounds} {name}: {describe(results[name][-1])}",
+                  file=sys.stderr, flush=True)
+    return results
 
 
 def alternate(tools: dict[str, Callable[[], list[float]]], repeats: int,

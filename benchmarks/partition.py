@@ -47,7 +47,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def one_run(rule: str, args: argparse.Namespace) -> dict:
     """Train once under `rule`: the fastest step after warm-up and each rank's layers."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(harness.ROOT), os.environ.get("PYTHONPATH")]))}
+    env = harness.project_env()
     with tempfile.TemporaryDirectory(prefix="partition_") as tmp:
         run = Path(tmp)
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m",
@@ -83,12 +83,8 @@ def report(args: argparse.Namespace, results: dict[str, list[dict]]) -> list[str
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    results: dict[str, list[dict]] = {rule: [] for rule in RULES}
-    for rep in range(args.rounds):
-        for rule in harness.alternating(RULES, rep):
-            results[rule].append(one_run(rule, args))
-            print(f"[partition] round {rep + 1}/{args.rounds} {rule}: fastest step "
-                  f"{1e3 * results[rule][-1]['fastest_s']:.1f} ms", file=sys.stderr, flush=True)
+    results = harness.in_rounds(RULES, args.rounds, lambda rule: one_run(rule, args),
+                                lambda r: f"fastest step {1e3 * r['fastest_s']:.1f} ms", "partition")
     print("\n".join(report(args, results)))
     if args.json:
         harness.write_json(args.json, {"args": harness.plain(args), "runs": results})

@@ -68,7 +68,7 @@ def summary(stdout: str) -> dict[str, str]:
 
 def one_run(run: str, args: argparse.Namespace) -> dict:
     """Train once; the summary's time_s, the command's wall time and the line naming the links."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(harness.ROOT), os.environ.get("PYTHONPATH")]))}
+    env = harness.project_env()
     if run == "p=1 1 thread":  # "p=1" keeps the caller's environment: torch's default threads unless it sets some
         env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     with tempfile.TemporaryDirectory(prefix="quickstart_") as run_dir:
@@ -122,12 +122,8 @@ def range_of(results: dict[str, list[dict]], run: str, ref: str, key: str) -> st
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    results: dict[str, list[dict]] = {run: [] for run in RUNS}
-    for rep in range(args.repeats):
-        for run in harness.alternating(RUNS, rep):
-            results[run].append(one_run(run, args))
-            print(f"[quickstart] round {rep + 1}/{args.repeats} {run}: time_s {results[run][-1]['train_s']:.2f} "
-                  f"wall {results[run][-1]['wall_s']:.2f} s", file=sys.stderr, flush=True)
+    results = harness.in_rounds(RUNS, args.repeats, lambda run: one_run(run, args),
+                                lambda r: f"time_s {r['train_s']:.2f} wall {r['wall_s']:.2f} s", "quickstart")
     print("\n".join(report(args, results)))
     if args.json:
         harness.write_json(args.json, {"args": harness.plain(args), "runs": results})
