@@ -15,8 +15,9 @@ WORKDIR /app
 # Its own layer, so editing the project does not download torch again.
 RUN pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
 
-# The project: pyproject needs README.md (its long description) and the package to install.
-COPY pyproject.toml README.md ./
+# The project: pyproject needs README.md (its long description) and the package to install; setup.py
+# builds the C hot path of shared memory where the image has a compiler (slim has none: Python path).
+COPY pyproject.toml setup.py README.md ./
 COPY pipeline/ pipeline/
 RUN pip install -e .
 

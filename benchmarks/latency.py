@@ -35,6 +35,7 @@ import harness
 from harness import MODEL_OVERRIDES
 from pipeline.config import compose
 from pipeline.runtime.latency import LINKS, SHM, measure
+from pipeline.runtime.shm import SPIN_S, native
 from pipeline.training.forecast import run_message_bytes
 
 TARGETS_US = {"idle": 20.0, "busy p90": 50.0}  # issue #15, shm at 2 KiB
@@ -103,6 +104,9 @@ def main(argv: list[str] | None = None) -> int:
               f"{shm.woken_p90_s * 1e6:.1f} µs p90: the wake alone, no compute beside it")
         print(f"shm 2 KiB, the sender's own time in its send while busy: {shm.send_s * 1e6:.1f} µs median (idle "
               f"ping-pong: {shm.pingpong_s * 1e6:.1f} µs one way, the send included)")
+        print(f"shm 2 KiB, how long the receiver had waited when the send came: busy {shm.busy_waited_s * 1e3:.2f} ms, "
+              f"polled {shm.polled_waited_s * 1e3:.2f} ms median (it polls for {SPIN_S * 1e3:g} ms, then sleeps)")
+        print(f"shm hot path: {'C (pipeline.runtime._ring)' if native is not None else 'Python'}")
     return 0
 
 

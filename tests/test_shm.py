@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -72,8 +73,16 @@ def close(transports: dict[int, shm.ShmTransport]) -> None:
     assert mapped_segments() == open_segments() == []
 
 
+@pytest.fixture(params=["C", "Python"])
+def hot_path(request, monkeypatch):
+    """Each in-process test twice: through the C hot path (pipeline.runtime._ring) and through shm.py's own."""
+    if request.param == "Python":
+        monkeypatch.setattr(shm, "native", None)
+    return request.param
+
+
 @pytest.fixture
-def ranks():
+def ranks(hot_path):
     transports = pair()
     yield transports
     close(transports)
@@ -131,7 +140,7 @@ def test_a_message_larger_than_the_ring_streams_through(ranks):
     assert torch.equal(y, x) and ranks[1].pending_sends() == []
 
 
-def test_records_wrap_around_the_end_of_the_ring():
+def test_records_wrap_around_the_end_of_the_ring(hot_path):
     transports = pair(ring_bytes=1024, slots=2)
     try:
         channel = transports[1].outgoing[0]
@@ -143,6 +152,35 @@ def test_records_wrap_around_the_end_of_the_ring():
         assert written == 12 * 384 and written > 4 * channel.capacity
         after = channel.ring + channel.capacity  # the unused second slot, right behind the ring
         assert bytes(transports[0].own.mm[after:]) == bytes(len(transports[0].own.mm) - after)
+    finally:
+        close(transports)
+
+
+def test_the_c_hot_path_is_built_where_a_c_compiler_is():
+    if shutil.which("cc") or shutil.which("gcc"):
+        assert shm.native is not None, "pip install -e . should have built pipeline/runtime/_ring.c (see setup.py)"
+    switched_off = subprocess.run([sys.executable, "-c", "from pipeline.runtime import shm; print(shm.native)"],
+                                  cwd=ROOT, env={**os.environ, "PIPELINE_SHM_NATIVE": "0"}, capture_output=True,
+                                  text=True, timeout=60)
+    assert switched_off.stdout.strip() == "None", switched_off.stderr
+
+
+@pytest.mark.skipif(shm.native is None, reason="the C hot path is not built here (no C compiler)")
+@pytest.mark.parametrize("writer", ["C", "Python"])
+def test_the_c_and_python_paths_write_and_read_the_same_records(writer, monkeypatch):
+    # what one path writes the other reads, records of every padding, many across the end of the ring
+    transports = pair(ring_bytes=8192)
+    native = shm.native
+    try:
+        sent = [torch.randn(n, dtype=torch.float64) + i for i, n in enumerate((5, 300, 48, 1, 200, 511, 64, 700))]
+        for i, x in enumerate(sent * 3):
+            monkeypatch.setattr(shm, "native", native if writer == "C" else None)
+            transports[1].send(x, 0, i, f"1SEND_F{i}")
+            transports[1].flush()
+            monkeypatch.setattr(shm, "native", None if writer == "C" else native)
+            assert torch.equal(receive(transports[0], x, i), x), i
+        channel = transports[1].outgoing[0]
+        assert channel.segment.words[channel.write_word] > 3 * channel.capacity  # it went round the ring
     finally:
         close(transports)
 
@@ -182,7 +220,7 @@ def test_a_message_of_the_wrong_size_is_a_clear_error(posted, ranks):
         receive(ranks[0], expected, 4)
 
 
-def test_a_receive_from_a_silent_peer_times_out_naming_the_rank_and_the_setting():
+def test_a_receive_from_a_silent_peer_times_out_naming_the_rank_and_the_setting(hot_path):
     transports = pair(timeout_s=0.5)
     try:
         began = time.monotonic()
@@ -195,7 +233,7 @@ def test_a_receive_from_a_silent_peer_times_out_naming_the_rank_and_the_setting(
         close(transports)
 
 
-def test_a_send_that_never_drains_times_out_in_flush():
+def test_a_send_that_never_drains_times_out_in_flush(hot_path):
     transports = pair(timeout_s=0.5)
     try:
         transports[1].send(torch.zeros(10_000, dtype=torch.float64), 0, 2, "1SEND_F2")  # 80 kB into 4 kB: stuck
@@ -233,7 +271,7 @@ def test_pid_alive_tells_a_running_or_stopped_process_from_a_dead_one():
         stopped.wait()
 
 
-def test_a_receive_from_a_dead_peer_says_so_before_the_timeout():
+def test_a_receive_from_a_dead_peer_says_so_before_the_timeout(hot_path):
     transports = pair(timeout_s=30)
     try:
         gone = dead_pid()
@@ -314,10 +352,13 @@ def test_shm_refuses_tensors_that_are_not_on_the_cpu():
 # --- whole runs over shm: exactness, refusals, a SIGKILL; nothing left in /dev/shm -----------------
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("p", [2, 3, 4])
-def test_every_schedule_over_shm_equals_single_device_training(p, tmp_path):
+@pytest.mark.parametrize("p, path", [(2, "C"), (3, "C"), (4, "C"), (2, "Python")])
+def test_every_schedule_over_shm_equals_single_device_training(p, path, tmp_path, monkeypatch):
     # one launch per p trains the whole grid (every schedule of the registry, m in 1 3 4 8, v = 2 where a
-    # schedule has virtual stages) in one process group: 36 runs, each attaching and letting go of its segments
+    # schedule has virtual stages) in one process group: 36 runs, each attaching and letting go of its segments;
+    # through the C hot path where it is built, and once through shm.py's Python path (PIPELINE_SHM_NATIVE=0)
+    if path == "Python":
+        monkeypatch.setenv("PIPELINE_SHM_NATIVE", "0")
     before = dev_shm()
     worst, out = differences_from_single_device(p, SHM, tmp_path)
     assert {name.split()[0] for name in worst} == set(SCHEDULES)

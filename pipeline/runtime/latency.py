@@ -76,6 +76,8 @@ class Latency(NamedTuple):
     woken_p90_s: float = math.nan  # 90th percentile of the same
     polled_s: float = math.nan  # median, the sender computing, the receiver still polling (it waited 0.5 ms)
     polled_p90_s: float = math.nan  # 90th percentile of the same
+    polled_waited_s: float = math.nan  # median time the receiver had waited when the send came, in polled
+    busy_waited_s: float = math.nan  # the same in busy
 
 
 class Measured(NamedTuple):
@@ -264,13 +266,13 @@ def _time_link(rank: int, link, name: str, plan: dict) -> list:
         pingpong = pingpong_s(rank, link, nbytes, plan["iters"], plan["repeats"])
         busy = sender_busy(rank, link, nbytes, plan["busy_trials"])
         late = late_receive_s(rank, link, nbytes, plan["busy_trials"])
-        apart = [math.nan] * 4  # woken and polled take the busy figure apart; a simulation charges only busy
+        apart = [math.nan] * 5  # woken and polled take the busy figure apart; a simulation charges only busy
         if plan["apart"]:
-            woken_median, _, woken_p90, _ = sender_busy(rank, link, nbytes, plan["busy_trials"], compute=False)
-            polled_median, _, polled_p90, _ = sender_busy(rank, link, nbytes, plan["busy_trials"],
-                                                          lead_s=POLLED_LEAD_S)
-            apart = [woken_median, woken_p90, polled_median, polled_p90]
-        rows.append([name, nbytes, pingpong, *busy, late, *apart])
+            woken_median, _, woken_p90, _, _ = sender_busy(rank, link, nbytes, plan["busy_trials"], compute=False)
+            polled_median, _, polled_p90, _, polled_waited = sender_busy(rank, link, nbytes, plan["busy_trials"],
+                                                                         lead_s=POLLED_LEAD_S)
+            apart = [woken_median, woken_p90, polled_median, polled_p90, polled_waited]
+        rows.append([name, nbytes, pingpong, *busy[:4], late, *apart, busy[4]])
     return rows
 
 
@@ -296,18 +298,19 @@ def pingpong_s(rank: int, link, nbytes: int, iters: int, repeats: int) -> float:
 
 
 def sender_busy(rank: int, link, nbytes: int, trials: int, compute: bool = True, lead_s: float = 0.005
-                ) -> tuple[float, float, float, float]:
+                ) -> tuple[float, float, float, float, float]:
     """(median, mean, 90th percentile) seconds from rank 0's send to the end of rank 1's receive,
-    while rank 0 computes right after the send (or, without `compute`, sleeps as long), and the median
-    of rank 0's time in the send (the same figures on both ranks). Rank 1 has waited about `lead_s` in
-    its receive when the send comes."""
+    while rank 0 computes right after the send (or, without `compute`, sleeps as long), the median
+    of rank 0's time in the send, and the median time rank 1 had waited in its receive when the send
+    came (the same figures on both ranks). Rank 1 has waited `lead_s` in
+    its receive when the send comes: both keep one beat (see beats), not a barrier, whose two ranks
+    leave it up to milliseconds apart here (a 0.5 ms lead became 2-3 ms, and a poll a sleep)."""
     weight, x = torch.randn(1024, 1024), torch.randn(32, 1024)
     out, into = torch.ones(nbytes // 4), torch.zeros(nbytes // 4)
-    stamps, in_send = [], []
-    for i in range(trials + 2):  # the first two warm up
-        dist.barrier()
+    stamps, in_send, entered = [], [], []
+    for i, beat in enumerate(beats(trials + 2, lead_s + 0.015)):  # the first two warm up
         if rank == 0:
-            time.sleep(lead_s)  # rank 1 is waiting in its receive (over shm, past its poll: asleep on its futex)
+            _sleep_until(beat + lead_s)  # rank 1 is waiting in its receive (over shm, past its poll: asleep)
             stamps.append(time.perf_counter())
             link.send(out, i)
             in_send.append(time.perf_counter() - stamps[-1])
@@ -318,13 +321,27 @@ def sender_busy(rank: int, link, nbytes: int, trials: int, compute: bool = True,
                 time.sleep(0.005)  # idle: rank 0's core is free for rank 1's wake
             link.flush()
         else:
+            _sleep_until(beat)
+            entered.append(time.perf_counter())
             link.post(into, i)
             link.recv(into, i)
             stamps.append(time.perf_counter())
-    (sent, arrived), send_times = _gathered(stamps), _gathered(in_send)[0]
+    (sent, arrived), send_times, waited = _gathered(stamps), _gathered(in_send)[0], _gathered(entered)[1]
     times = sorted(b - a for a, b in zip(sent[2:], arrived[2:]))
     return (statistics.median(times), statistics.mean(times), times[int(0.9 * (len(times) - 1))],
-            statistics.median(send_times[2:]))
+            statistics.median(send_times[2:]), statistics.median(a - b for a, b in zip(sent[2:], waited[2:])))
+
+
+def beats(count: int, period_s: float) -> list[float]:
+    """`count` instants `period_s` apart, the first 20 ms from now, the same on both ranks (time.perf_counter
+    reads CLOCK_MONOTONIC, one clock for every process of the machine)."""
+    start = _shared(0, time.perf_counter() + 0.02 if dist.get_rank() == 0 else None)
+    return [start + i * period_s for i in range(count)]
+
+
+def _sleep_until(instant: float) -> None:
+    """Sleep until time.perf_counter() reads `instant` (at once if it is past)."""
+    time.sleep(max(0.0, instant - time.perf_counter()))
 
 
 def late_receive_s(rank: int, link, nbytes: int, trials: int) -> float:

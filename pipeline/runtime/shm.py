@@ -35,6 +35,13 @@ import torch
 
 from pipeline.runtime.transport import PeerTimeout
 
+try:  # the hot path in C (setup.py builds it where a compiler is); the same protocol in Python otherwise
+    from pipeline.runtime import _ring as native
+except ImportError:
+    native = None
+if os.environ.get("PIPELINE_SHM_NATIVE") == "0":  # a switch for tests and for comparing the two paths
+    native = None
+
 HEADER = 64  # bytes of a record's header, and the alignment of every record and chunk
 CONTROL = 128  # write_pos and read_pos, each on its own cache line
 # a waiter polls this long before it sleeps on the futex, when the host has a core per rank (on the waiter's own
@@ -118,6 +125,8 @@ class Segment:
     def ring(self, writer: int) -> None:
         """Tell this segment's owner there is news: a value no other write produces, then a wake."""
         self.rung = (self.rung + 1) & 0xFFFFFF
+        if native is not None:
+            return native.ring(self.address, (self.rung << 8) | writer)
         self.bell[0] = (self.rung << 8) | writer
         _futex_wake(self.address)
 
@@ -162,6 +171,7 @@ class Channel:
         self.write_word, self.read_word = base // 8, (base + 64) // 8
         self.stalled_word = self.write_word + 1
         self.ring = base + CONTROL  # byte offset of the ring in the segment
+        self.control_address, self.ring_address = segment.address + base, segment.address + self.ring
 
     def _copy(self, position: int, address: int, n: int, into_ring: bool) -> None:
         """Copy n bytes at `address` into the ring at byte `position` (or out of it), wrapping at the end."""
@@ -171,6 +181,27 @@ class Channel:
         for at, offset, size in ((ring + start, 0, first), (ring, first, n - first)):
             if size:
                 ctypes.memmove(at, address + offset, size) if into_ring else ctypes.memmove(address + offset, at, size)
+
+    def put(self, tensor: torch.Tensor, tag: int) -> bool:
+        """Write all of a contiguous `tensor` as one record if it fits now; False (nothing written) if not.
+        The short way of push for the common case: a cold sender pays for every Python step it takes."""
+        if native is not None:
+            return native.put(self.ring_address, self.capacity, self.control_address, tag, tensor.data_ptr(),
+                              tensor.nbytes)
+        words, nbytes = self.segment.words, tensor.nbytes
+        written = words[self.write_word]
+        record = HEADER + -(-nbytes // HEADER) * HEADER
+        if self.capacity - (written - words[self.read_word]) < record:
+            return False
+        start = written % self.capacity  # a record starts 64-aligned and the ring is whole pages: its header never wraps
+        header = (self.ring + start) // 8
+        words[header], words[header + 1] = tag, nbytes
+        if start + HEADER + nbytes <= self.capacity:
+            ctypes.memmove(self.segment.address + self.ring + start + HEADER, tensor.data_ptr(), nbytes)
+        else:
+            self._copy(written + HEADER, tensor.data_ptr(), nbytes, into_ring=True)
+        words[self.write_word] = written + record
+        return True
 
     def push(self, message: _Outgoing) -> bool:
         """Write as much of `message` as fits; True once all of it is in the ring (the sender's side)."""
@@ -244,8 +275,12 @@ class ShmTransport:
     # --- the Transport interface -----------------------------------------------------------
 
     def send(self, tensor: torch.Tensor, dst: int, tag: int, what: str) -> None:
-        if dst not in self.outgoing:
+        channel = self.outgoing.get(dst)
+        if channel is None:
             return self.fallback.send(tensor, dst, tag, what)
+        if not self.queues[dst] and tensor.is_contiguous() and channel.put(tensor, tag):
+            self.segments[dst].ring(self.rank)  # the common case: it fits, nothing waits before it
+            return
         self.queues[dst].append(_Outgoing(tensor, tag, what))
         self._push(dst)
 
@@ -315,6 +350,13 @@ class ShmTransport:
 
     def _pull(self, src: int) -> None:
         channel, moved = self.incoming[src], False
+        while native is not None and self.reading[src] is None and (
+                head := native.head(channel.ring_address, channel.capacity, channel.control_address)) is not None:
+            tag, nbytes = head  # a whole message has arrived: one copy out in C
+            buffer, raw = self._buffer_for(src, tag, nbytes)
+            native.take(channel.ring_address, channel.capacity, channel.control_address, buffer.data_ptr(), nbytes)
+            self.arrived[(src, tag)].append((buffer, raw))
+            moved = True
         while (message := channel.pull(self.reading[src], lambda tag, n: self._buffer_for(src, tag, n))) is not None:
             moved = True
             if message.done < message.record:  # the rest is not written yet
@@ -362,9 +404,11 @@ class ShmTransport:
             if now >= deadline:
                 raise PeerTimeout(f"rank {self.rank}: no answer within {self.timeout_s:g} s (dist.timeout_s) "
                                   f"at {what} (shared memory)")
+            wake = min(deadline, next_check, now + STALLED_S if any(self.queues.values()) else deadline)
             if now - start >= self.spin_s:
-                wake = min(deadline, next_check, now + STALLED_S if any(self.queues.values()) else deadline)
                 _futex_wait(self.own.address, bell, wake - now)
+            elif native is not None:  # poll in C: news is seen within a few cycles, the GIL let go
+                native.spin(self.own.address, bell, min(wake, start + self.spin_s) - now)
 
     def _check_alive(self, peers: list[int], what: str) -> None:
         for peer in peers:

@@ -1,0 +1,163 @@
+/* The shared-memory rings' hot path in C: a send's copy in, a receive's copy out, the doorbell, the poll.
+
+   pipeline/runtime/shm.py holds the layout and the whole protocol; this module only does its common
+   steps in fewer instructions. A rank that has just computed runs cold: every Python step of a send
+   costs microseconds there (benchmarks/latency.py), and one call into C replaces twenty of them.
+   shm.py falls back to its own Python code, byte for byte the same protocol, when this module was not
+   built (no C compiler at install) or PIPELINE_SHM_NATIVE=0.
+
+   A channel's control block (at `control`): write_pos (u64) at +0, read_pos (u64) at +64; the ring of
+   `capacity` bytes (whole pages) holds records of a 64-byte header (tag, nbytes: u64 each) and the
+   payload padded to 64. Positions count bytes ever written or read; one writer per word. The payload is
+   stored before write_pos (release), and read after it (acquire). */
+
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <limits.h>
+#include <linux/futex.h>
+#include <stdint.h>
+#include <string.h>
+#include <sys/syscall.h>
+#include <time.h>
+#include <unistd.h>
+
+#define HEADER 64
+#define READ_POS 8 /* read_pos's index in u64 words from write_pos: its own cache line */
+
+static int addresses(PyObject *const *args, Py_ssize_t nargs, Py_ssize_t expected, uint64_t *out) {
+    if (nargs != expected) {
+        PyErr_Format(PyExc_TypeError, "expected %zd integer arguments, got %zd", expected, nargs);
+        return -1;
+    }
+    for (Py_ssize_t i = 0; i < nargs; i++) {
+        out[i] = PyLong_AsUnsignedLongLong(args[i]);
+        if (out[i] == (uint64_t)-1 && PyErr_Occurred())
+            return -1;
+    }
+    return 0;
+}
+
+static uint64_t record_bytes(uint64_t nbytes) { return HEADER + (nbytes + HEADER - 1) / HEADER * HEADER; }
+
+/* Copy n bytes between `outside` and the ring at byte position `at` (< capacity), wrapping at the end. */
+static void copy(char *ring, uint64_t capacity, uint64_t at, char *outside, uint64_t n, int into_ring) {
+    uint64_t first = n < capacity - at ? n : capacity - at;
+    if (into_ring) {
+        memcpy(ring + at, outside, first);
+        memcpy(ring, outside + first, n - first);
+    } else {
+        memcpy(outside, ring + at, first);
+        memcpy(outside + first, ring, n - first);
+    }
+}
+
+/* put(ring, capacity, control, tag, src, nbytes) -> bool: the whole message as one record if it fits now. */
+static PyObject *put(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    uint64_t a[6];
+    if (addresses(args, nargs, 6, a) < 0)
+        return NULL;
+    char *ring = (char *)a[0];
+    uint64_t capacity = a[1], tag = a[3], nbytes = a[5];
+    uint64_t *write_pos = (uint64_t *)a[2], *read_pos = write_pos + READ_POS;
+    uint64_t written = *write_pos, record = record_bytes(nbytes);
+    if (capacity - (written - __atomic_load_n(read_pos, __ATOMIC_ACQUIRE)) < record)
+        Py_RETURN_FALSE;
+    uint64_t start = written % capacity; /* 64-aligned in a ring of whole pages: the header never wraps */
+    uint64_t *header = (uint64_t *)(ring + start);
+    header[0] = tag;
+    header[1] = nbytes;
+    copy(ring, capacity, (start + HEADER) % capacity, (char *)a[4], nbytes, 1);
+    __atomic_store_n(write_pos, written + record, __ATOMIC_RELEASE);
+    Py_RETURN_TRUE;
+}
+
+/* head(ring, capacity, control) -> (tag, nbytes) of the record at the read position once all of it has
+   arrived, else None. */
+static PyObject *head(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    uint64_t a[3];
+    if (addresses(args, nargs, 3, a) < 0)
+        return NULL;
+    uint64_t *write_pos = (uint64_t *)a[2];
+    uint64_t read = write_pos[READ_POS], arrived = __atomic_load_n(write_pos, __ATOMIC_ACQUIRE) - read;
+    if (arrived < HEADER)
+        Py_RETURN_NONE;
+    uint64_t *header = (uint64_t *)((char *)a[0] + read % a[1]);
+    if (arrived < record_bytes(header[1]))
+        Py_RETURN_NONE;
+    return Py_BuildValue("(KK)", (unsigned long long)header[0], (unsigned long long)header[1]);
+}
+
+/* take(ring, capacity, control, dst, nbytes): copy the complete record at the read position (of nbytes,
+   as head said) into dst and move past it. */
+static PyObject *take(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    uint64_t a[5];
+    if (addresses(args, nargs, 5, a) < 0)
+        return NULL;
+    uint64_t capacity = a[1], nbytes = a[4];
+    uint64_t *write_pos = (uint64_t *)a[2], *read_pos = write_pos + READ_POS;
+    uint64_t read = *read_pos;
+    copy((char *)a[0], capacity, (read + HEADER) % capacity, (char *)a[3], nbytes, 0);
+    __atomic_store_n(read_pos, read + record_bytes(nbytes), __ATOMIC_RELEASE);
+    Py_RETURN_NONE;
+}
+
+/* ring(bell, value): write the u32 doorbell, then wake whoever sleeps on it. */
+static PyObject *ring(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    uint64_t a[2];
+    if (addresses(args, nargs, 2, a) < 0)
+        return NULL;
+    uint32_t *bell = (uint32_t *)a[0];
+    __atomic_store_n(bell, (uint32_t)a[1], __ATOMIC_RELEASE);
+    syscall(SYS_futex, bell, FUTEX_WAKE, INT_MAX, NULL, NULL, 0);
+    Py_RETURN_NONE;
+}
+
+static double now_s(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (double)t.tv_sec + (double)t.tv_nsec * 1e-9;
+}
+
+/* spin(bell, expected, seconds) -> bool: poll the doorbell until it differs from `expected` (True) or
+   `seconds` have passed (False), the GIL let go meanwhile. */
+static PyObject *spin(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "spin(bell, expected, seconds)");
+        return NULL;
+    }
+    uint32_t *bell = (uint32_t *)PyLong_AsUnsignedLongLong(args[0]);
+    uint32_t expected = (uint32_t)PyLong_AsUnsignedLong(args[1]);
+    double seconds = PyFloat_AsDouble(args[2]);
+    if (PyErr_Occurred())
+        return NULL;
+    int rang = 0;
+    Py_BEGIN_ALLOW_THREADS
+    double deadline = now_s() + seconds;
+    for (unsigned i = 0;; i++) {
+        if (__atomic_load_n(bell, __ATOMIC_ACQUIRE) != expected) {
+            rang = 1;
+            break;
+        }
+        if ((i & 63) == 0 && now_s() >= deadline)
+            break;
+#if defined(__x86_64__) || defined(__i386__)
+        __builtin_ia32_pause(); /* a polite spin: the sibling hyperthread, if any, gets the core */
+#endif
+    }
+    Py_END_ALLOW_THREADS
+    return PyBool_FromLong(rang);
+}
+
+static PyMethodDef methods[] = {
+    {"put", (PyCFunction)(void (*)(void))put, METH_FASTCALL, "Write a whole message into a ring if it fits."},
+    {"head", (PyCFunction)(void (*)(void))head, METH_FASTCALL, "(tag, nbytes) of a complete record, or None."},
+    {"take", (PyCFunction)(void (*)(void))take, METH_FASTCALL, "Copy a complete record out of a ring."},
+    {"ring", (PyCFunction)(void (*)(void))ring, METH_FASTCALL, "Write a doorbell and wake its sleeper."},
+    {"spin", (PyCFunction)(void (*)(void))spin, METH_FASTCALL, "Poll a doorbell for a while."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_ring", "The shared-memory rings' hot path.", -1, methods};
+
+PyMODINIT_FUNC PyInit__ring(void) { return PyModule_Create(&module); }
