@@ -9,9 +9,10 @@ Two processes on this machine, one thread each as the pipeline's ranks run, move
 gloo and shm go through the transport objects a run's executor calls, the receive posted ahead.
 
 idle: the one-way time of a ping-pong (a round trip over two, the median of --repeats blocks).
-busy: rank 0 sends and at once runs about 5 ms of matrix products, as a rank runs its next F or B
-right after a SEND, while rank 1 waits; the time from the send to the end of rank 1's receive (one
-clock: both processes read CLOCK_MONOTONIC), median and 90th percentile (and the mean, which
+busy: rank 0 computes, sends and at once runs about 5 ms of matrix products, as a rank runs its next
+F or B right after a SEND, while rank 1, which computed until its receive, waits (both keep a shared
+beat of CLOCK_MONOTONIC instants; a barrier's ranks leave it milliseconds apart); the time from the
+send to the end of rank 1's receive (one clock), median and 90th percentile (and the mean, which
 `python -m pipeline.simulate --measure` charges; see pipeline/runtime/latency.py).
 woken: the same with rank 0 sleeping instead of computing after its send. Rank 1 has waited 5 ms,
 so over shm it sleeps on its futex in both: woken is the operating system's wake of a sleeping

@@ -328,6 +328,25 @@ def test_a_sleeping_receiver_is_woken_by_the_send_not_by_its_next_look(ranks):
     assert median < shm.LIVENESS_S / 4, (median, delays)
 
 
+def test_a_receiver_says_it_sleeps_only_while_it_does_on_the_c_path(hot_path):
+    # a C sender wakes its receiver only when `sleeping` says so; the Python path says so for good
+    transports = pair()
+    try:
+        flag = transports[0].own.bell
+        x = torch.randn(4, dtype=torch.float64)
+        if hot_path == "Python":
+            assert flag[1] == 1
+        else:
+            assert flag[1] == 0
+            thread = in_thread(lambda: receive(transports[0], x, 2))
+            assert wait_for(lambda: flag[1] == 1, 5), "the receiver never went to sleep"
+            transports[1].send(x, 0, 2, "1SEND_F2")
+            joined(thread)
+            assert flag[1] == 0  # awake again: the next sends skip the system call
+    finally:
+        close(transports)
+
+
 # --- where shm cannot run -----------------------------------------------------------------------
 
 TWO_RANKS = distributed.Env(rank=0, world_size=2, local_rank=0, local_world_size=2, run_id=None)

@@ -1,4 +1,4 @@
-/* The shared-memory rings' hot path in C: a send's copy in, a receive's copy out, the doorbell, the poll.
+/* The shared-memory rings' hot path in C: a send's copy in, a receive's copy out, the doorbell, the poll and the sleep.
 
    pipeline/runtime/shm.py holds the layout and the whole protocol; this module only does its common
    steps in fewer instructions. A rank that has just computed runs cold: every Python step of a send
@@ -52,26 +52,6 @@ static void copy(char *ring, uint64_t capacity, uint64_t at, char *outside, uint
     }
 }
 
-/* put(ring, capacity, control, tag, src, nbytes) -> bool: the whole message as one record if it fits now. */
-static PyObject *put(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    uint64_t a[6];
-    if (addresses(args, nargs, 6, a) < 0)
-        return NULL;
-    char *ring = (char *)a[0];
-    uint64_t capacity = a[1], tag = a[3], nbytes = a[5];
-    uint64_t *write_pos = (uint64_t *)a[2], *read_pos = write_pos + READ_POS;
-    uint64_t written = *write_pos, record = record_bytes(nbytes);
-    if (capacity - (written - __atomic_load_n(read_pos, __ATOMIC_ACQUIRE)) < record)
-        Py_RETURN_FALSE;
-    uint64_t start = written % capacity; /* 64-aligned in a ring of whole pages: the header never wraps */
-    uint64_t *header = (uint64_t *)(ring + start);
-    header[0] = tag;
-    header[1] = nbytes;
-    copy(ring, capacity, (start + HEADER) % capacity, (char *)a[4], nbytes, 1);
-    __atomic_store_n(write_pos, written + record, __ATOMIC_RELEASE);
-    Py_RETURN_TRUE;
-}
-
 /* head(ring, capacity, control) -> (tag, nbytes) of the record at the read position once all of it has
    arrived, else None. */
 static PyObject *head(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
@@ -102,22 +82,125 @@ static PyObject *take(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     Py_RETURN_NONE;
 }
 
-/* ring(bell, value): write the u32 doorbell, then wake whoever sleeps on it. */
-static PyObject *ring(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    uint64_t a[2];
-    if (addresses(args, nargs, 2, a) < 0)
-        return NULL;
-    uint32_t *bell = (uint32_t *)a[0];
-    __atomic_store_n(bell, (uint32_t)a[1], __ATOMIC_RELEASE);
-    syscall(SYS_futex, bell, FUTEX_WAKE, INT_MAX, NULL, NULL, 0);
-    Py_RETURN_NONE;
-}
+/* The doorbell's u32 at `bell`, and beside it (bell + 4) `sleeping`, written by the segment's owner only:
+   1 while it sleeps on the doorbell, or for good when its rank runs the Python path, which cannot order
+   its own flag against its look (so it is always woken). Both sides store, fence, then load (Dekker):
+   a sender that reads 0 there is one whose doorbell the sleeper sees changed before it sleeps. */
 
 static double now_s(void) {
     struct timespec t;
     clock_gettime(CLOCK_MONOTONIC, &t);
     return (double)t.tv_sec + (double)t.tv_nsec * 1e-9;
 }
+
+/* wait_take(ring, capacity, control, tag, dst, nbytes, seconds) -> int: wait at most `seconds` for the
+   record at the read position to be whole; if it is message `tag` of nbytes, copy it into dst and move
+   past it (1); if it is another (0, nothing read: Python reads it), or none came in time (-1). The GIL is
+   let go meanwhile: the receive of a message the peer is about to send, in one call. */
+static PyObject *wait_take(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 7) {
+        PyErr_SetString(PyExc_TypeError, "wait_take(ring, capacity, control, tag, dst, nbytes, seconds)");
+        return NULL;
+    }
+    uint64_t a[6];
+    if (addresses(args, 6, 6, a) < 0)
+        return NULL;
+    double seconds = PyFloat_AsDouble(args[6]);
+    if (PyErr_Occurred())
+        return NULL;
+    char *ring = (char *)a[0];
+    uint64_t capacity = a[1], tag = a[3], nbytes = a[5];
+    uint64_t *write_pos = (uint64_t *)a[2], *read_pos = write_pos + READ_POS;
+    int got = -1;
+    Py_BEGIN_ALLOW_THREADS
+    double deadline = now_s() + seconds;
+    uint64_t read = *read_pos;
+    for (unsigned i = 0;; i++) {
+        uint64_t arrived = __atomic_load_n(write_pos, __ATOMIC_ACQUIRE) - read;
+        if (arrived >= HEADER) {
+            uint64_t *header = (uint64_t *)(ring + read % capacity);
+            if (header[0] != tag || header[1] != nbytes) {
+                got = 0;
+                break;
+            }
+            if (arrived >= record_bytes(nbytes)) {
+                copy(ring, capacity, (read + HEADER) % capacity, (char *)a[4], nbytes, 0);
+                __atomic_store_n(read_pos, read + record_bytes(nbytes), __ATOMIC_RELEASE);
+                got = 1;
+                break;
+            }
+        }
+        if ((i & 63) == 0 && now_s() >= deadline)
+            break;
+    }
+    Py_END_ALLOW_THREADS
+    return PyLong_FromLong(got);
+}
+
+static void ring_bell(uint32_t *bell, uint32_t value) {
+    uint32_t *sleeping = bell + 1;
+    __atomic_store_n(bell, value, __ATOMIC_SEQ_CST);
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    if (__atomic_load_n(sleeping, __ATOMIC_SEQ_CST))
+        syscall(SYS_futex, bell, FUTEX_WAKE, INT_MAX, NULL, NULL, 0);
+}
+
+/* ring(bell, value): write the doorbell; wake its owner if it sleeps (a system call only then). */
+static PyObject *ring(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    uint64_t a[2];
+    if (addresses(args, nargs, 2, a) < 0)
+        return NULL;
+    ring_bell((uint32_t *)a[0], (uint32_t)a[1]);
+    Py_RETURN_NONE;
+}
+
+/* put(ring, capacity, control, tag, src, nbytes, bell, value) -> bool: the whole message as one record if
+   it fits now, then the receiver's doorbell rung with `value`; False (nothing written) if it does not fit. */
+static PyObject *put(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    uint64_t a[8];
+    if (addresses(args, nargs, 8, a) < 0)
+        return NULL;
+    char *ring = (char *)a[0];
+    uint64_t capacity = a[1], tag = a[3], nbytes = a[5];
+    uint64_t *write_pos = (uint64_t *)a[2], *read_pos = write_pos + READ_POS;
+    uint64_t written = *write_pos, record = record_bytes(nbytes);
+    if (capacity - (written - __atomic_load_n(read_pos, __ATOMIC_ACQUIRE)) < record)
+        Py_RETURN_FALSE;
+    uint64_t start = written % capacity; /* 64-aligned in a ring of whole pages: the header never wraps */
+    uint64_t *header = (uint64_t *)(ring + start);
+    header[0] = tag;
+    header[1] = nbytes;
+    copy(ring, capacity, (start + HEADER) % capacity, (char *)a[4], nbytes, 1);
+    __atomic_store_n(write_pos, written + record, __ATOMIC_RELEASE);
+    ring_bell((uint32_t *)a[6], (uint32_t)a[7]);
+    Py_RETURN_TRUE;
+}
+
+/* sleep(bell, expected, seconds): sleep on the doorbell while it reads `expected`, at most `seconds`
+   (less on a wake or a signal), the GIL let go meanwhile. */
+static PyObject *sleep_on(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "sleep(bell, expected, seconds)");
+        return NULL;
+    }
+    uint32_t *bell = (uint32_t *)PyLong_AsUnsignedLongLong(args[0]), *sleeping = bell + 1;
+    uint32_t expected = (uint32_t)PyLong_AsUnsignedLong(args[1]);
+    double seconds = PyFloat_AsDouble(args[2]);
+    if (PyErr_Occurred())
+        return NULL;
+    if (seconds < 0)
+        seconds = 0;
+    struct timespec timeout = {(time_t)seconds, (long)((seconds - (double)(time_t)seconds) * 1e9)};
+    Py_BEGIN_ALLOW_THREADS
+    __atomic_store_n(sleeping, 1, __ATOMIC_SEQ_CST);
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    if (__atomic_load_n(bell, __ATOMIC_SEQ_CST) == expected)
+        syscall(SYS_futex, bell, FUTEX_WAIT, expected, &timeout, NULL, 0);
+    __atomic_store_n(sleeping, 0, __ATOMIC_SEQ_CST);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
 
 /* spin(bell, expected, seconds) -> bool: poll the doorbell until it differs from `expected` (True) or
    `seconds` have passed (False), the GIL let go meanwhile. */
@@ -142,7 +225,7 @@ static PyObject *spin(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
         if ((i & 63) == 0 && now_s() >= deadline)
             break;
 #if defined(__x86_64__) || defined(__i386__)
-        __builtin_ia32_pause(); /* a polite spin: the sibling hyperthread, if any, gets the core */
+        /* no pause instruction: under KVM a run of them is taken for a spinning lock and exits to the host */
 #endif
     }
     Py_END_ALLOW_THREADS
@@ -150,10 +233,12 @@ static PyObject *spin(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
 }
 
 static PyMethodDef methods[] = {
-    {"put", (PyCFunction)(void (*)(void))put, METH_FASTCALL, "Write a whole message into a ring if it fits."},
+    {"put", (PyCFunction)(void (*)(void))put, METH_FASTCALL, "Write a whole message into a ring if it fits, and ring."},
     {"head", (PyCFunction)(void (*)(void))head, METH_FASTCALL, "(tag, nbytes) of a complete record, or None."},
     {"take", (PyCFunction)(void (*)(void))take, METH_FASTCALL, "Copy a complete record out of a ring."},
     {"ring", (PyCFunction)(void (*)(void))ring, METH_FASTCALL, "Write a doorbell and wake its sleeper."},
+    {"sleep", (PyCFunction)(void (*)(void))sleep_on, METH_FASTCALL, "Sleep on a doorbell."},
+    {"wait_take", (PyCFunction)(void (*)(void))wait_take, METH_FASTCALL, "Wait for one message and copy it out."},
     {"spin", (PyCFunction)(void (*)(void))spin, METH_FASTCALL, "Poll a doorbell for a while."},
     {NULL, NULL, 0, NULL},
 };

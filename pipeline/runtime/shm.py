@@ -3,7 +3,9 @@
 Every rank creates one segment (a memfd: it never has a name in /dev/shm, so a killed run leaves
 nothing behind) and its peers on the same host map it through /proc/PID/fd/FD:
 
-    [0, 64)                 doorbell: a u32 futex word; whoever has news for this rank writes it and wakes it
+    [0, 64)                 doorbell: a u32 futex word; whoever has news for this rank writes it and wakes it;
+                            then `sleeping` (u32), written by this rank alone: 1 while it sleeps on the
+                            doorbell (so a sender skips the wake otherwise), or for good on the Python path
     per peer i that sends here, at base_i:
       [base, base+64)       write_pos (u64, bytes ever written), then `stalled` (u64, 1 while the sender
                             waits for room); only the sender writes them
@@ -99,7 +101,7 @@ class Segment:
         self._anchor = ctypes.c_char.from_buffer(self.mm)  # pins the mapping while its address is in use
         self.address = ctypes.addressof(self._anchor)
         self.words = memoryview(self.mm).cast("Q")  # u64 positions (write_pos, read_pos)
-        self.bell = memoryview(self.mm)[:4].cast("I")  # the doorbell
+        self.bell = memoryview(self.mm)[:8].cast("I")  # the doorbell, then `sleeping`
         self.rung = 0  # doorbell writes by this process into this segment
 
     @classmethod
@@ -122,12 +124,16 @@ class Segment:
         finally:
             os.close(own)  # the mapping keeps the memory
 
-    def ring(self, writer: int) -> None:
-        """Tell this segment's owner there is news: a value no other write produces, then a wake."""
+    def next_bell(self, writer: int) -> int:
+        """The doorbell value of this process's next news here: one no other write produces."""
         self.rung = (self.rung + 1) & 0xFFFFFF
+        return (self.rung << 8) | writer
+
+    def ring(self, writer: int) -> None:
+        """Tell this segment's owner there is news: a new doorbell value, then a wake."""
         if native is not None:
-            return native.ring(self.address, (self.rung << 8) | writer)
-        self.bell[0] = (self.rung << 8) | writer
+            return native.ring(self.address, self.next_bell(writer))
+        self.bell[0] = self.next_bell(writer)
         _futex_wake(self.address)
 
     def close(self) -> None:
@@ -182,13 +188,15 @@ class Channel:
             if size:
                 ctypes.memmove(at, address + offset, size) if into_ring else ctypes.memmove(address + offset, at, size)
 
-    def put(self, tensor: torch.Tensor, tag: int) -> bool:
-        """Write all of a contiguous `tensor` as one record if it fits now; False (nothing written) if not.
-        The short way of push for the common case: a cold sender pays for every Python step it takes."""
+    def put(self, tensor: torch.Tensor, tag: int, writer: int) -> bool:
+        """Write all of a contiguous `tensor` as one record and ring the receiver (`writer`: this rank) if it
+        fits now; False (nothing written) if not. The short way of push for the common case: a cold sender
+        pays for every Python step it takes, so in C this is one call."""
+        segment = self.segment
         if native is not None:
             return native.put(self.ring_address, self.capacity, self.control_address, tag, tensor.data_ptr(),
-                              tensor.nbytes)
-        words, nbytes = self.segment.words, tensor.nbytes
+                              tensor.nbytes, segment.address, segment.next_bell(writer))
+        words, nbytes = segment.words, tensor.nbytes
         written = words[self.write_word]
         record = HEADER + -(-nbytes // HEADER) * HEADER
         if self.capacity - (written - words[self.read_word]) < record:
@@ -201,6 +209,7 @@ class Channel:
         else:
             self._copy(written + HEADER, tensor.data_ptr(), nbytes, into_ring=True)
         words[self.write_word] = written + record
+        segment.ring(writer)
         return True
 
     def push(self, message: _Outgoing) -> bool:
@@ -263,6 +272,8 @@ class ShmTransport:
                  outgoing: dict[int, Channel], segments: dict[int, Segment], pids: dict[int, int], fallback=None,
                  spin_s: float = SPIN_S):
         self.rank, self.timeout_s, self.own, self.spin_s = rank, timeout_s, own, spin_s
+        if native is None:
+            own.bell[1] = 1  # this rank's sleeps cannot be ordered against its flag: always wake it
         self.incoming, self.outgoing, self.segments, self.pids = incoming, outgoing, segments, pids
         self.fallback = fallback
         self.queues: dict[int, deque[_Outgoing]] = {dst: deque() for dst in outgoing}
@@ -278,9 +289,8 @@ class ShmTransport:
         channel = self.outgoing.get(dst)
         if channel is None:
             return self.fallback.send(tensor, dst, tag, what)
-        if not self.queues[dst] and tensor.is_contiguous() and channel.put(tensor, tag):
-            self.segments[dst].ring(self.rank)  # the common case: it fits, nothing waits before it
-            return
+        if not self.queues[dst] and tensor.is_contiguous() and channel.put(tensor, tag, self.rank):
+            return  # the common case: it fits, nothing waits before it
         self.queues[dst].append(_Outgoing(tensor, tag, what))
         self._push(dst)
 
@@ -299,9 +309,12 @@ class ShmTransport:
         key = (src, tag)
         if key not in self.posted and not self.arrived.get(key):
             self.posted[key] = make_buffer()
+        began = time.monotonic()
+        if native is not None and (buffer := self._take(src, tag)) is not None:
+            return buffer
         self._progress()
         if not self.arrived.get(key):
-            self._wait(lambda: bool(self.arrived.get(key)), what, [src])
+            self._wait(lambda: bool(self.arrived.get(key)), what, [src], began)
         buffer, raw = self.arrived[key].popleft()
         if raw:  # it came before its receive was posted, as bytes
             expected = make_buffer()
@@ -367,6 +380,22 @@ class ShmTransport:
         if moved and channel.segment.words[channel.stalled_word]:
             self.segments[src].ring(self.rank)  # the sender waits for the room just made
 
+    def _take(self, src: int, tag: int) -> torch.Tensor | None:
+        """The common receive in one call into C: nothing before it from src, its buffer posted, nothing of
+        this rank's waiting to be sent; it polls half of spin_s at most (then _wait does the rest). None
+        when that is not the case, or the message is not the next whole one in src's ring by then."""
+        key, channel = (src, tag), self.incoming[src]
+        buffer = self.posted.get(key)
+        if buffer is None or self.reading[src] is not None or self.arrived.get(key) or any(self.queues.values()):
+            return None
+        if native.wait_take(channel.ring_address, channel.capacity, channel.control_address, tag, buffer.data_ptr(),
+                            buffer.nbytes, self.spin_s / 2) != 1:
+            return None
+        del self.posted[key]
+        if channel.segment.words[channel.stalled_word]:
+            self.segments[src].ring(self.rank)  # the sender waits for the room just made
+        return buffer
+
     def _buffer_for(self, src: int, tag: int, nbytes: int) -> tuple[torch.Tensor, bool]:
         """Where a new message goes: its posted buffer, or (a later pass's, or not yet posted) new bytes."""
         key = (src, tag)
@@ -388,9 +417,10 @@ class ShmTransport:
             if queue:
                 self._push(dst)
 
-    def _wait(self, done: Callable[[], bool], what: str, peers: list[int]) -> None:
-        """Make progress until done(): poll for spin_s, then sleep on the doorbell; bounded by dist.timeout_s."""
-        start = time.monotonic()
+    def _wait(self, done: Callable[[], bool], what: str, peers: list[int], began: float | None = None) -> None:
+        """Make progress until done(): poll until spin_s after `began` (the caller's start, or now), then sleep
+        on the doorbell; bounded by dist.timeout_s."""
+        start = time.monotonic() if began is None else began
         deadline, next_check = start + self.timeout_s, start + LIVENESS_S
         while True:
             bell = self.own.bell[0]  # read before looking, so news that comes after wakes the sleep below
@@ -406,7 +436,11 @@ class ShmTransport:
                                   f"at {what} (shared memory)")
             wake = min(deadline, next_check, now + STALLED_S if any(self.queues.values()) else deadline)
             if now - start >= self.spin_s:
-                _futex_wait(self.own.address, bell, wake - now)
+                if native is not None:
+                    native.sleep(self.own.address, bell, wake - now)
+                else:
+                    self.own.bell[1] = 1
+                    _futex_wait(self.own.address, bell, wake - now)
             elif native is not None:  # poll in C: news is seen within a few cycles, the GIL let go
                 native.spin(self.own.address, bell, min(wake, start + self.spin_s) - now)
 
