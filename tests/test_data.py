@@ -110,6 +110,17 @@ def test_sampler_with_shuffle_is_a_pure_function_of_seed_and_step():
     assert not np.array_equal(a.indices(0), data.BatchSampler(100, 10, seed=4, shuffle=True).indices(0))
 
 
+def test_the_sampler_keeps_one_permutation_per_epoch_and_its_batches_do_not_depend_on_the_order_of_asking():
+    visited = data.BatchSampler(100, 10, seed=3, shuffle=True)
+    steps = [25, 3, 11, 3, 40, 0, 19, 10]  # back and forth across epochs 0 to 4
+    got = {t: visited.indices(t) for t in steps}
+    got[3][:] = -1  # a caller that changes its batch changes nothing the sampler keeps
+    for t in steps:
+        expected = np.random.default_rng([3, t // 10]).permutation(100)[t % 10 * 10:t % 10 * 10 + 10]
+        assert np.array_equal(data.BatchSampler(100, 10, seed=3, shuffle=True).indices(t), expected)
+        assert np.array_equal(visited.indices(t), expected), t
+
+
 def bad_file(tmp_path, kind):
     path = tmp_path / "bad.npz"
     if kind == "missing":

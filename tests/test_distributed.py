@@ -1,6 +1,7 @@
 """Multi-process pipelines over gloo: equivalence, a peer that never answers, the torchrun CLI."""
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -9,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from pipeline.runtime import distributed
 from pipeline.training import checkpoint
 from pipeline.training.equivalence import difference, grid, problem, reference
 from tests.conftest import run_cli, write_npz
@@ -129,3 +131,32 @@ def test_time_partition_splits_the_large_layers_that_uniform_puts_on_one_rank(tm
     ratio = [line for line in result.stdout.splitlines() if line.startswith("- time / uniform, fastest step: ")]
     shown = float(ratio[0].split("**")[1])
     assert shown == pytest.approx(runs["time"][0]["fastest_s"] / runs["uniform"][0]["fastest_s"], abs=0.006)
+
+
+class _Work:
+    """A collective that completes `after_s` from now (or never)."""
+
+    def __init__(self, after_s: float | None):
+        self.at = None if after_s is None else time.monotonic() + after_s
+        self.looks = 0
+
+    def is_completed(self) -> bool:
+        self.looks += 1
+        return self.at is not None and time.monotonic() >= self.at
+
+
+def test_a_collective_is_polled_until_it_completes_and_no_longer_than_asked():
+    began, soon = time.monotonic(), _Work(0.01)
+    distributed.poll(soon, 1.0)
+    assert 0.01 <= time.monotonic() - began < 0.5 and soon.looks > 1  # it looked until the work was done
+    began, never = time.monotonic(), _Work(None)
+    distributed.poll(never, 0.05)
+    assert 0.05 <= time.monotonic() - began < 0.5  # then the caller's wait, with its timeout, takes over
+    began, unpolled = time.monotonic(), _Work(None)
+    distributed.poll(unpolled, 0.0)  # a host with fewer cores than ranks: block at once
+    assert unpolled.looks == 0 and time.monotonic() - began < 0.05
+
+
+def test_a_core_for_each_rank_is_what_the_affinity_mask_allows():
+    cores = len(os.sched_getaffinity(0))
+    assert distributed.core_each(cores) and distributed.core_each(1) and not distributed.core_each(cores + 1)

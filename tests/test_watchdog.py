@@ -139,6 +139,9 @@ KILLED = (r"error: rank \d: (no answer within 4 s \(dist.timeout_s\) at .*|rank 
 
 
 class _TerminatedWait:
+    def is_completed(self):  # the SIGTERM lands while the collective is polled (Comm.poll_s)
+        raise Terminated("rank 0: terminated by the launcher (SIGTERM)")
+
     def wait(self, timeout):
         raise Terminated("rank 0: terminated by the launcher (SIGTERM)")
 
@@ -148,6 +151,8 @@ def test_a_sigterm_inside_a_collective_still_says_what_the_rank_waited_on(monkey
     still names the collective."""
     monkeypatch.setattr(dist, "all_reduce", lambda *args, **kwargs: _TerminatedWait())
     comm = Comm([0], {}, True, 5.0, torch.device("cpu"), 0, 1, None, None)
-    with pytest.raises(Terminated) as caught:
-        comm.sum_world([1.0])
-    assert caught.value.report["waiting_on"] == "all_reduce"
+    for poll_s in (0.0, 1.0):  # blocked in the wait, or still polling
+        comm.poll_s = poll_s
+        with pytest.raises(Terminated) as caught:
+            comm.sum_world([1.0])
+        assert caught.value.report["waiting_on"] == "all_reduce"

@@ -25,6 +25,7 @@ import hashlib
 import itertools
 import os
 import socket
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
@@ -42,6 +43,10 @@ from pipeline.runtime.transport import PeerTimeout
 
 RING_BYTES = 1 << 20  # each shared-memory channel's ring, unless connect is told a pass's message bytes
 RING_LIMITS = (64 << 10, 64 << 20)  # the smallest and largest ring: larger messages stream through in chunks
+# a collective's waiter polls it this long (yielding its core to gloo's threads) before it blocks, where each of
+# the host's ranks has a core: on a VM a core left idle for a moment runs the next milliseconds slow (the
+# quickstart at p = 2 took 1.16-1.42 s with the logged steps' all-reduce blocking, 0.88-0.97 s polled)
+COLLECTIVE_POLL_S = 0.02
 
 
 @dataclass(frozen=True)
@@ -123,6 +128,7 @@ class Comm:
         self.pipeline_group = pipeline_group  # None: the whole world is one pipeline
         self.replica_group = replica_group  # None: no other replica
         self.links = "in this process"  # how the ranks' messages travel, in words (the run's first line)
+        self.poll_s = 0.0  # how long a collective's wait polls before it blocks (COLLECTIVE_POLL_S, or 0)
         self.transport = IN_PROCESS  # the pipeline.transport they take between two ranks of this host
 
     @property
@@ -163,7 +169,9 @@ class Comm:
             return list(values)
         total = torch.tensor(values, dtype=torch.float64, device=self.device)
         try:
-            dist.all_reduce(total, group=group, async_op=True).wait(timedelta(seconds=self.timeout_s))
+            work = dist.all_reduce(total, group=group, async_op=True)
+            poll(work, self.poll_s)
+            work.wait(timedelta(seconds=self.timeout_s))
         except PeerTimeout as err:  # a SIGTERM (Terminated) that landed in the wait is no timeout
             err.report.setdefault("waiting_on", what)  # hang_report.json: where the launcher found this rank
             raise
@@ -187,6 +195,21 @@ class Comm:
             error = PeerTimeout(f"rank {dist.get_rank()}: barrier ({what}) failed: {str(err).splitlines()[0]}")
             error.report.update(rank=dist.get_rank(), waiting_on=f"barrier ({what})")
             raise error from None
+
+
+def poll(work: dist.Work, seconds: float) -> None:
+    """Keep this core busy while `work` runs, at most `seconds`, handing it to any other thread that wants it
+    (gloo's, which run the collective); the wait that follows still has the timeout and raises its errors."""
+    if seconds <= 0:
+        return
+    deadline = time.monotonic() + seconds
+    while not work.is_completed() and time.monotonic() < deadline:
+        os.sched_yield()
+
+
+def core_each(num_processes: int) -> bool:
+    """Has this host a CPU for each of its `num_processes` ranks? (Then waiting on a core is no one's loss.)"""
+    return num_processes <= len(os.sched_getaffinity(0))
 
 
 def _bind_loopback(env: Env) -> None:
@@ -294,6 +317,7 @@ def _point_to_point(env: Env, num_ranks: int, conf: DistConfig, ring_bytes: int 
     comm = Comm([r], {r: endpoint}, True, conf.timeout_s, device, grid.replica, grid.num_replicas,
                 pipeline_group, replica_group)
     comm.links, comm.transport = f"every pair: p2p ({backend})", P2P
+    comm.poll_s = COLLECTIVE_POLL_S if device.type == "cpu" and core_each(env.local_world_size) else 0.0
     yield comm
     # Only after a clean run: wait for every peer, then close. After an error a peer may be gone
     # or stopped, and waiting for it would turn a clear error into a hang; exiting closes sockets.
@@ -409,7 +433,7 @@ def _map_segments(comm: Comm, local: list[int], ring_bytes: int) -> shm.ShmTrans
     incoming = {src: shm.Channel(own, base(rank, src), ring_bytes) for src in peers}
     outgoing = {dst: shm.Channel(segments[dst], base(dst, rank), ring_bytes) for dst in peers}
     pids = {r: where[r][0] for r in peers}
-    spin_s = shm.SPIN_S if len(local) <= len(os.sched_getaffinity(0)) else 0.0  # never poll on a shared core
+    spin_s = shm.SPIN_S if core_each(len(local)) else 0.0  # never poll on a shared core
     return shm.ShmTransport(rank, comm.timeout_s, own, incoming, outgoing, segments, pids,
                             fallback=comm.transports[rank], spin_s=spin_s)
 
