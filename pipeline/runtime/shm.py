@@ -20,6 +20,11 @@ A message larger than the free space streams through in 64-byte-aligned chunks; 
 blocks: what does not fit waits in this rank's queue and moves on at its next call into the transport.
 Rings are sized to hold a step's messages, so that is rare; a stalled sender is woken when room is
 made, and (as that wake is not ordered against its flag) it also looks again every STALLED_S.
+
+The common steps (a whole message in with its doorbell, a whole message out, the poll, the sleep)
+run in C where setup.py could build pipeline/runtime/_ring.c (`native`): the same bytes, with C11
+atomics for the order above, and a fence on both sides of `sleeping` so a sender makes the wake's
+system call only for a sleeper. The Python code below is the protocol in full and the fallback.
 """
 
 from __future__ import annotations
