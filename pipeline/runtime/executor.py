@@ -23,8 +23,7 @@ from __future__ import annotations
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from contextlib import contextmanager
-from typing import Callable, Iterator, NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
 from torch import Tensor
@@ -32,7 +31,7 @@ from torch import Tensor
 from pipeline.mlp import objective
 from pipeline.mlp.stage import Stage
 from pipeline.runtime.transport import ACTIVATION, GRADIENT, PeerTimeout, Transport, tag
-from pipeline.schedules.actions import Action, Schedule
+from pipeline.schedules.actions import COMM_KINDS, COMPUTE_KINDS, Action, Schedule
 from pipeline.schedules.placement import Placement
 
 Key = tuple[int, int]  # (stage_index, mb_index)
@@ -98,6 +97,7 @@ class Runtime:
         self.step = 0
         self.recent: deque[str] = deque(maxlen=12)  # the last completed actions, for hang reports
         self.on_grads_ready: Callable[[int], None] | None = None  # called with a stage after its last W
+        self._kinds = {kind: getattr(self, "_" + kind) for kind in COMPUTE_KINDS + COMM_KINDS}  # kind -> its method
 
     def begin(self, mb_sizes: list[int], inputs: list[Tensor] | None, labels: list[Tensor] | None,
               training: bool = True, step: int = 0, batch_size: int | None = None) -> None:
@@ -116,8 +116,11 @@ class Runtime:
     def end(self) -> StepResult:
         """Finish the step: wait for this rank's sends; everything received must have been consumed."""
         start = time.perf_counter_ns()
-        with self._reporting("WAIT_SENDS"):
+        try:
             self.transport.flush()
+        except PeerTimeout as err:
+            self._report(err, "WAIT_SENDS")
+            raise
         if self.events is not None and self.state.training:
             self.events.append(TraceEvent(self.step, "WAIT_SENDS", start, time.perf_counter_ns()))
         leftovers = {name: keys for name in ("inputs", "stash", "grads", "outbox")
@@ -136,24 +139,21 @@ class Runtime:
         return True
 
     def run(self, action: Action) -> None:
-        start = time.perf_counter_ns()
-        with self._reporting(str(action)):
-            getattr(self, "_" + action.kind)(action.stage_index, action.mb_index)
-        if self.events is not None and self.state.training:
-            self.events.append(TraceEvent(self.step, str(action), start, time.perf_counter_ns()))
-        self.result.last_action = str(action)
-        self.recent.append(str(action))
-
-    @contextmanager
-    def _reporting(self, doing: str) -> Iterator[None]:
-        """A peer that stops answering: note what this rank was doing and had done, then re-raise."""
+        start, name = time.perf_counter_ns(), str(action)  # (a step runs dozens: no context manager, one str)
         try:
-            yield
+            self._kinds[action.kind](action.stage_index, action.mb_index)
         except PeerTimeout as err:
-            err.report.update(rank=self.rank, step=self.step, waiting_on=doing,
-                              last_completed=self.result.last_action, recent_actions=list(self.recent),
-                              pending_sends=self.transport.pending_sends())
+            self._report(err, name)
             raise
+        if self.events is not None and self.state.training:
+            self.events.append(TraceEvent(self.step, name, start, time.perf_counter_ns()))
+        self.result.last_action = name
+        self.recent.append(name)
+
+    def _report(self, err: PeerTimeout, doing: str) -> None:
+        """A peer that stops answering: note in its report what this rank was doing and had done."""
+        err.report.update(rank=self.rank, step=self.step, waiting_on=doing, last_completed=self.result.last_action,
+                          recent_actions=list(self.recent), pending_sends=self.transport.pending_sends())
 
     # --- compute --------------------------------------------------------------------------
 
