@@ -334,7 +334,7 @@ def test_a_receiver_says_it_sleeps_only_while_it_does_on_the_c_path(hot_path):
     try:
         flag = transports[0].own.bell
         x = torch.randn(4, dtype=torch.float64)
-        if hot_path == "Python":
+        if shm.native is None:  # the Python path (or a machine that could not build the C one)
             assert flag[1] == 1
         else:
             assert flag[1] == 0

@@ -45,7 +45,7 @@ RING_BYTES = 1 << 20  # each shared-memory channel's ring, unless connect is tol
 RING_LIMITS = (64 << 10, 64 << 20)  # the smallest and largest ring: larger messages stream through in chunks
 # a collective's waiter polls it this long (yielding its core to gloo's threads) before it blocks, where each of
 # the host's ranks has a core: on a VM a core left idle for a moment runs the next milliseconds slow (the
-# quickstart at p = 2 took 1.16-1.42 s with the logged steps' all-reduce blocking, 0.88-0.97 s polled)
+# quickstart's training at p = 2 took 1.41-1.82 s with the logged steps' all-reduce blocking, 1.12-1.18 s polled)
 COLLECTIVE_POLL_S = 0.02
 
 
