@@ -160,3 +160,24 @@ def test_a_collective_is_polled_until_it_completes_and_no_longer_than_asked():
 def test_a_core_for_each_rank_is_what_the_affinity_mask_allows():
     cores = len(os.sched_getaffinity(0))
     assert distributed.core_each(cores) and distributed.core_each(1) and not distributed.core_each(cores + 1)
+
+
+def test_a_wait_in_python_returns_when_the_work_is_done_and_refuses_past_its_timeout():
+    began = time.monotonic()
+    distributed.wait_in_python(_Done(_Work(0.05)), 5.0, 0.0)
+    assert 0.05 <= time.monotonic() - began < 1.0
+    with pytest.raises(RuntimeError, match=r"^no answer within 0.1 s \(dist.timeout_s\)$"):
+        distributed.wait_in_python(_Done(_Work(None)), 0.1, 0.0)
+
+
+class _Done:
+    """A _Work that can also be waited for (as dist.Work)."""
+
+    def __init__(self, work: _Work):
+        self.work = work
+
+    def is_completed(self) -> bool:
+        return self.work.is_completed()
+
+    def wait(self) -> None:
+        assert self.work.is_completed()

@@ -186,8 +186,10 @@ class Comm:
         if not self.distributed:
             return
         try:
-            dist.monitored_barrier(timeout=timedelta(seconds=self.timeout_s)) if dist.get_backend() == "gloo" \
-                else dist.barrier()
+            if dist.get_backend() == "gloo":  # waited for in Python: a Ctrl-C lands here on every rank, not
+                wait_in_python(dist.barrier(async_op=True), self.timeout_s, self.poll_s)  # in C++ (gloo logs)
+            else:
+                dist.barrier()
         except PeerTimeout as err:  # a SIGTERM (Terminated) that landed in the wait is no barrier failure
             err.report.setdefault("waiting_on", f"barrier ({what})")
             raise
@@ -205,6 +207,18 @@ def poll(work: dist.Work, seconds: float) -> None:
     deadline = time.monotonic() + seconds
     while not work.is_completed() and time.monotonic() < deadline:
         os.sched_yield()
+
+
+def wait_in_python(work: dist.Work, timeout_s: float, poll_s: float) -> None:
+    """Wait for `work` in Python (polled for poll_s, then in 1 ms sleeps), so a signal's handler runs at once;
+    raises RuntimeError past timeout_s, and whatever the work raised."""
+    poll(work, poll_s)
+    deadline = time.monotonic() + timeout_s
+    while not work.is_completed():
+        if time.monotonic() >= deadline:
+            raise RuntimeError(f"no answer within {timeout_s:g} s (dist.timeout_s)")
+        time.sleep(0.001)
+    work.wait()
 
 
 def core_each(num_processes: int) -> bool:
