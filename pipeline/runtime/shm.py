@@ -382,8 +382,8 @@ class ShmTransport:
                 break
             self.reading[src] = None
             self.arrived[(src, message.tag)].append((message.buffer, message.raw))
-        if moved and channel.segment.words[channel.stalled_word]:
-            self.segments[src].ring(self.rank)  # the sender waits for the room just made
+        if moved:
+            self._room_made(src)
 
     def _take(self, src: int, tag: int) -> torch.Tensor | None:
         """The common receive in one call into C: nothing before it from src, its buffer posted, nothing of
@@ -397,9 +397,14 @@ class ShmTransport:
                             buffer.nbytes, self.spin_s / 2) != 1:
             return None
         del self.posted[key]
-        if channel.segment.words[channel.stalled_word]:
-            self.segments[src].ring(self.rank)  # the sender waits for the room just made
+        self._room_made(src)
         return buffer
+
+    def _room_made(self, src: int) -> None:
+        """After reading from src's ring: wake src if it waits for the room just made."""
+        channel = self.incoming[src]
+        if channel.segment.words[channel.stalled_word]:
+            self.segments[src].ring(self.rank)
 
     def _buffer_for(self, src: int, tag: int, nbytes: int) -> tuple[torch.Tensor, bool]:
         """Where a new message goes: its posted buffer, or (a later pass's, or not yet posted) new bytes."""
