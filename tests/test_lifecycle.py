@@ -255,6 +255,36 @@ def test_a_rank_that_fails_after_connect_is_named_by_its_peer_at_once(mode, code
     assert report["0"]["waiting_on"] == "all_reduce"
 
 
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("transport,gone", [("shm", r"rank 1 \(pid (\d+)\) is gone"), ("p2p", "a peer is gone")])
+def test_a_rank_killed_before_the_all_reduce_is_named_gone_by_its_peer(transport, gone, tmp_path):
+    """Rank 1 SIGKILLs itself right before the all_reduce of step 5, so rank 0 sits in that collective when the
+    connection closes: rank 0 says at once that the peer is gone (with its pid, where shm knows the pids of its
+    host), not that it had no answer within dist.timeout_s=60. torchrun looks at its workers every 5 s here,
+    so its SIGTERM does not end rank 0 before rank 0 has said so."""
+    run_dir, script = tmp_path / "run", "tests/workers/rank1_at_step.py"
+    launcher = torchrun(2, [script, "kill", "5", *LONG_RUN, "dist.timeout_s=60", f"pipeline.transport={transport}",
+                            f"hydra.run.dir={run_dir}"], "--log-dir", str(tmp_path / "logs"), "--redirects=2",
+                        "--monitor-interval=5")
+    began = time.monotonic()
+    try:
+        launcher.communicate(timeout=200)
+    finally:
+        kill_all(launcher, run_dir, script.encode())
+    took = time.monotonic() - began
+    worker_err = {int(p.parent.name): p.read_text().splitlines() for p in (tmp_path / "logs").rglob("stderr.log")}
+    assert "rank 1: kill before the all_reduce of step 5" in worker_err[1]
+    line = worker_err[0][-1]
+    print(f"{took:.1f} s: {line}")
+    assert took < 60
+    tail = "; its own log says why" if transport == "p2p" else ""
+    assert re.fullmatch(rf"error: rank 0: {gone} at an all_reduce \(.*(closed|reset) by peer[^()]*\){tail}",
+                        line), worker_err[0][-5:]
+    assert "Traceback (most recent call last):" not in worker_err[0]
+    report = json.loads((run_dir / "hang_report.json").read_text())["ranks"]
+    assert report["0"]["waiting_on"] == "all_reduce"
+
+
 @pytest.mark.timeout(120)
 def test_a_full_run_directory_is_one_line_naming_the_file_and_leaves_no_tmp(tmp_path):
     with tmpfs(tmp_path / "fs", "128k") as fs:

@@ -20,6 +20,7 @@ from torch.distributed.run import get_args_parser
 from pipeline.config import SHM
 from pipeline.errors import ConfigError
 from pipeline.runtime import distributed, shm
+from pipeline.runtime import transport
 from pipeline.runtime.transport import PeerTimeout
 from pipeline.schedules.registry import SCHEDULES
 from pipeline.training.equivalence import problem
@@ -253,8 +254,8 @@ def dead_pid() -> int:
 
 
 def test_pid_alive_tells_a_running_or_stopped_process_from_a_dead_one():
-    assert shm.pid_alive(os.getpid())
-    assert not shm.pid_alive(dead_pid())
+    assert transport.pid_alive(os.getpid())
+    assert not transport.pid_alive(dead_pid())
     zombie = subprocess.Popen([sys.executable, "-c", "pass"])
     stopped = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
     try:
@@ -262,13 +263,41 @@ def test_pid_alive_tells_a_running_or_stopped_process_from_a_dead_one():
         while Path(f"/proc/{zombie.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
             assert time.monotonic() < deadline
             time.sleep(0.01)
-        assert not shm.pid_alive(zombie.pid)  # exited, not yet reaped
+        assert not transport.pid_alive(zombie.pid)  # exited, not yet reaped
         os.kill(stopped.pid, signal.SIGSTOP)
-        assert shm.pid_alive(stopped.pid)  # a stopped peer is alive: dist.timeout_s ends that wait
+        assert transport.pid_alive(stopped.pid)  # a stopped peer is alive: dist.timeout_s ends that wait
     finally:
         zombie.wait()
         stopped.kill()
         stopped.wait()
+
+
+CLOSED = RuntimeError("[/gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:29094. This is "
+                      "typically caused by a remote worker crashing. Check the logs of the remote worker before "
+                      "reporting an error. GLHF!")
+
+
+def test_a_failed_wait_names_the_peer_that_is_gone_or_says_it_timed_out():
+    """gloo's closed connection names the dead peer of this host and its pid (not a timeout that never was);
+    a live peer leaves `a peer`; gloo's own timeout and our TimeoutError read as no answer within the timeout."""
+    dead = dead_pid()
+    error = transport.wait_failed(1, "an all_reduce", CLOSED, 4.0, {0: dead, 2: os.getpid()})
+    assert str(error) == f"rank 1: rank 0 (pid {dead}) is gone at an all_reduce (Connection closed by peer " \
+                         "[127.0.0.1]:29094)"
+    assert error.report == {"rank": 1, "waiting_on": "an all_reduce"}
+    began = time.monotonic()
+    error = transport.wait_failed(1, "barrier (end of run)", CLOSED, 4.0, {0: os.getpid()})
+    assert time.monotonic() - began >= transport.SETTLE_S  # it looked again before it gave up on naming it
+    assert str(error) == "rank 1: a peer is gone at barrier (end of run) (Connection closed by peer " \
+                         "[127.0.0.1]:29094); its own log says why"
+    reset = RuntimeError("[pair.cc:589] Read error [127.0.0.1]:17798: Connection reset by peer")
+    assert str(transport.wait_failed(0, "0RECV_B1", reset, 4.0)).startswith("rank 0: a peer is gone at 0RECV_B1 (Read")
+    timed_out = RuntimeError("[/gloo/transport/tcp/unbound_buffer.cc:81] Timed out waiting 4000ms for recv operation")
+    assert str(transport.wait_failed(0, "0RECV_B1", timed_out, 4.0)) == \
+        "rank 0: no answer within 4 s (dist.timeout_s) at 0RECV_B1 (Timed out waiting 4000ms for recv operation)"
+    ours = TimeoutError("no answer within 4 s (dist.timeout_s)")
+    assert str(transport.wait_failed(0, "barrier (end of run)", ours, 4.0)) == \
+        "rank 0: no answer within 4 s (dist.timeout_s) at barrier (end of run)"
 
 
 def test_a_receive_from_a_dead_peer_says_so_before_the_timeout(hot_path):
@@ -492,6 +521,6 @@ def test_a_search_from_measured_costs_prices_messages_as_the_transport_auto_fell
 
 # rank 1's line when rank 0 is SIGKILLed: its own (rank 0 gone, or silent) if it notices first, else the
 # launcher's SIGTERM (torchrun looks every 0.1 s, the shm waiter every shm.LIVENESS_S)
-LOST_RANK_0 = (r"error: rank 1: (rank 0 \(pid \d+\) is gone at .*|no answer within 4 s \(dist.timeout_s\) at .*rank 0.*"
+LOST_RANK_0 = (r"error: rank 1: (rank 0 \(pid \d+\) is gone at .*"
                r"|terminated by the launcher \(SIGTERM\); no rank reported a failure, so the launcher itself was "
                r"stopped \(or a rank was killed without a word\))")

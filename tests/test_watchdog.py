@@ -133,7 +133,7 @@ def test_a_lost_peer_makes_the_others_exit_with_a_clear_message(nproc, sig, tran
     assert left_in_dev_shm(before) == []  # nothing of a stopped or killed run (shm's memory is memfds)
 
 
-KILLED = (r"error: rank \d: (no answer within 4 s \(dist.timeout_s\) at .*|rank 1 \(pid \d+\) is gone at .*"
+KILLED = (r"error: rank \d: (a peer is gone at .*; its own log says why|rank \d \(pid \d+\) is gone at .*"
           r"|terminated by the launcher \(SIGTERM\); no rank reported a failure, so the launcher itself was stopped "
           r"\(or a rank was killed without a word\))")
 

@@ -24,7 +24,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from pipeline.mlp.stage import Stage
-from pipeline.runtime.transport import PeerTimeout
+from pipeline.runtime.transport import PeerTimeout, wait_failed
 
 
 def flatten_grads(stage: Stage, bucket_bytes: int) -> list[Tensor]:
@@ -59,9 +59,11 @@ class GradReducer:
             stage_index, work = self.works.pop(0)
             try:
                 work.wait(self.timeout)
+            except PeerTimeout as err:  # a SIGTERM (Terminated) that landed in the wait: the rank's own line
+                err.report.setdefault("waiting_on", f"gradient all-reduce of stage {stage_index}")
+                raise
             except RuntimeError as err:
-                error = PeerTimeout(f"rank {dist.get_rank()}: no answer within {self.timeout.total_seconds():g} s "
-                                    f"(dist.timeout_s) at the gradient all-reduce of stage {stage_index} over the "
-                                    f"replicas ({str(err).strip().splitlines()[0][-120:]})")
-                error.report.update(rank=dist.get_rank(), waiting_on=f"gradient all-reduce of stage {stage_index}")
+                error = wait_failed(dist.get_rank(), f"the gradient all-reduce of stage {stage_index} over the "
+                                    "replicas", err, self.timeout.total_seconds())
+                error.report["waiting_on"] = f"gradient all-reduce of stage {stage_index}"
                 raise error from None

@@ -39,7 +39,7 @@ from pipeline.errors import ConfigError
 from pipeline.runtime import lifecycle, shm
 from pipeline.runtime.inprocess import Mailboxes
 from pipeline.runtime.p2p import P2PTransport
-from pipeline.runtime.transport import PeerTimeout
+from pipeline.runtime.transport import PeerTimeout, wait_failed
 
 RING_BYTES = 1 << 20  # each shared-memory channel's ring, unless connect is told a pass's message bytes
 RING_LIMITS = (64 << 10, 64 << 20)  # the smallest and largest ring: larger messages stream through in chunks
@@ -130,6 +130,7 @@ class Comm:
         self.links = "in this process"  # how the ranks' messages travel, in words (the run's first line)
         self.poll_s = 0.0  # how long a collective's wait polls before it blocks (COLLECTIVE_POLL_S, or 0)
         self.transport = IN_PROCESS  # the pipeline.transport they take between two ranks of this host
+        self.pids: dict[int, int] = {}  # global rank -> pid of this pipeline's other processes on this host
 
     @property
     def is_root(self) -> bool:
@@ -176,9 +177,8 @@ class Comm:
             err.report.setdefault("waiting_on", what)  # hang_report.json: where the launcher found this rank
             raise
         except RuntimeError as err:
-            error = PeerTimeout(f"rank {dist.get_rank()}: no answer within {self.timeout_s:g} s (dist.timeout_s) "
-                                f"at an {what} ({str(err).strip().splitlines()[0][-120:]})")
-            error.report.update(rank=dist.get_rank(), waiting_on=what)
+            error = wait_failed(dist.get_rank(), f"an {what}", err, self.timeout_s, self.pids)
+            error.report["waiting_on"] = what
             raise error from None
         return total.tolist()
 
@@ -193,10 +193,8 @@ class Comm:
         except PeerTimeout as err:  # a SIGTERM (Terminated) that landed in the wait is no barrier failure
             err.report.setdefault("waiting_on", f"barrier ({what})")
             raise
-        except RuntimeError as err:
-            error = PeerTimeout(f"rank {dist.get_rank()}: barrier ({what}) failed: {str(err).splitlines()[0]}")
-            error.report.update(rank=dist.get_rank(), waiting_on=f"barrier ({what})")
-            raise error from None
+        except (RuntimeError, TimeoutError) as err:
+            raise wait_failed(dist.get_rank(), f"barrier ({what})", err, self.timeout_s, self.pids) from None
 
 
 def poll(work: dist.Work, seconds: float) -> None:
@@ -211,12 +209,12 @@ def poll(work: dist.Work, seconds: float) -> None:
 
 def wait_in_python(work: dist.Work, timeout_s: float, poll_s: float) -> None:
     """Wait for `work` in Python (polled for poll_s, then in 1 ms sleeps), so a signal's handler runs at once;
-    raises RuntimeError past timeout_s, and whatever the work raised."""
+    raises TimeoutError past timeout_s, and whatever the work raised."""
     poll(work, poll_s)
     deadline = time.monotonic() + timeout_s
     while not work.is_completed():
         if time.monotonic() >= deadline:
-            raise RuntimeError(f"no answer within {timeout_s:g} s (dist.timeout_s)")
+            raise TimeoutError(f"no answer within {timeout_s:g} s (dist.timeout_s)")
         time.sleep(0.001)
     work.wait()
 
@@ -344,6 +342,14 @@ def _point_to_point(env: Env, num_ranks: int, conf: DistConfig, ring_bytes: int 
         dist.destroy_process_group()
 
 
+def _know_the_pids(comm: Comm, here: dict[int, int]) -> None:
+    """Where a collective or a P2P message fails because a connection closed, name the peer of this host
+    that is gone and its pid (`here`: pipeline rank -> pid)."""
+    endpoint = comm.transports[comm.local_ranks[0]]  # P2P: its peers by pipeline rank, from global rank `offset`
+    endpoint.pids = dict(here)
+    comm.pids = {endpoint.offset + r: pid for r, pid in here.items()}
+
+
 def shm_unavailable(device: torch.device) -> str | None:
     """Why the shared-memory transport cannot carry this run's messages, or None when it can."""
     if device.type != "cpu":
@@ -370,13 +376,10 @@ def _gather(comm: Comm, values: list[int], what: str) -> list[list[int]]:
         dist.all_gather(everyone, mine, group=comm.pipeline_group, async_op=True).wait(
             timedelta(seconds=comm.timeout_s))
     except PeerTimeout as err:  # a SIGTERM (Terminated) that landed in the wait
-        err.report.setdefault("waiting_on", f"shared-memory set-up ({what})")
+        err.report.setdefault("waiting_on", what)
         raise
     except RuntimeError as err:
-        error = PeerTimeout(f"rank {dist.get_rank()}: shared-memory set-up ({what}) failed: "
-                            f"{str(err).strip().splitlines()[0][-120:]}")
-        error.report.update(rank=dist.get_rank(), waiting_on=f"shared-memory set-up ({what})")
-        raise error from None
+        raise wait_failed(dist.get_rank(), what, err, comm.timeout_s, comm.pids) from None
     return [t.tolist() for t in everyone]
 
 
@@ -395,8 +398,10 @@ def _attach_shared_memory(comm: Comm, ring_bytes: int, strict: bool) -> None:
     cannot make or map a segment, every rank knows: strict (pipeline.transport=shm) refuses the run in
     one line; auto keeps P2P everywhere and its first line says why."""
     (rank,) = comm.local_ranks
-    hosts = _gather(comm, _host(), "sharing out the hosts")
+    everyone = _gather(comm, [*_host(), os.getpid()], "shared-memory set-up (sharing out the hosts)")
+    hosts = [values[:2] for values in everyone]
     local = [r for r, host in enumerate(hosts) if host == hosts[rank]]
+    _know_the_pids(comm, {r: everyone[r][2] for r in local if r != rank})
     ring_bytes = -(-min(max(ring_bytes, RING_LIMITS[0]), RING_LIMITS[1]) // 4096) * 4096
     try:
         comm.transports[rank] = _map_segments(comm, local, ring_bytes)
@@ -419,7 +424,7 @@ def _map_segments(comm: Comm, local: list[int], ring_bytes: int) -> shm.ShmTrans
         own, fd = shm.Segment.create(size, f"pipeline-rank{rank}")
     except OSError as err:
         failed = err.errno or errno.ENOMEM
-    where = _gather(comm, [os.getpid(), fd, size, failed], "sharing out the shared memory")
+    where = _gather(comm, [os.getpid(), fd, size, failed], "shared-memory set-up (sharing out the shared memory)")
     made = [r for r, (_, _, _, code) in enumerate(where) if code]
     if made:
         _unmap({rank: own} if own is not None else {}, fd)
@@ -432,7 +437,8 @@ def _map_segments(comm: Comm, local: list[int], ring_bytes: int) -> shm.ShmTrans
             segments[peer] = shm.Segment.open(*where[peer][:3])
         except OSError as err:
             failed_map = [peer, err.errno or errno.EACCES]
-    failures = _gather(comm, failed_map, "mapping the shared memory")  # every segment mapped where it can be
+    # every segment mapped where it can be
+    failures = _gather(comm, failed_map, "shared-memory set-up (mapping the shared memory)")
     os.close(fd)  # nothing names the memory any more (each mmap holds its own duplicate, closed with it)
     for r, (peer, code) in enumerate(failures):
         if peer >= 0:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from contextlib import contextmanager
 from datetime import timedelta
 from typing import Callable, Iterator
@@ -10,7 +9,7 @@ from typing import Callable, Iterator
 import torch
 import torch.distributed as dist
 
-from pipeline.runtime.transport import PeerTimeout
+from pipeline.runtime.transport import PeerTimeout, wait_failed
 
 
 class P2PTransport:
@@ -26,6 +25,7 @@ class P2PTransport:
         self.timeout = timedelta(seconds=timeout_s)
         self.pending: list[tuple[dist.Work, torch.Tensor, str]] = []
         self.posted: dict[tuple[int, int], tuple[dist.Work, torch.Tensor]] = {}
+        self.pids: dict[int, int] = {}  # pipeline rank -> pid of the peers on this host (connect fills it)
 
     def send(self, tensor: torch.Tensor, dst: int, tag: int, what: str) -> None:
         tensor = tensor.contiguous()  # keep it alive until the send completes
@@ -76,7 +76,4 @@ class P2PTransport:
         except PeerTimeout:  # a SIGTERM (Terminated) that landed in the wait: already the rank's own line
             raise
         except RuntimeError as err:
-            lines = str(err).strip().splitlines() or [type(err).__name__]
-            reason = re.sub(r"^\[[^\]]*\]\s*", "", lines[0])  # drop gloo's source-file prefix
-            raise PeerTimeout(f"rank {self.rank}: no answer within {self.timeout.total_seconds():g} s "
-                              f"(dist.timeout_s) at {what} ({reason})") from None
+            raise wait_failed(self.rank, what, err, self.timeout.total_seconds(), self.pids) from None

@@ -40,7 +40,7 @@ from typing import Callable
 
 import torch
 
-from pipeline.runtime.transport import PeerTimeout
+from pipeline.runtime.transport import PeerTimeout, pid_alive
 
 try:  # the hot path in C (setup.py builds it where a compiler is); the same protocol in Python otherwise
     from pipeline.runtime import _ring as native
@@ -255,15 +255,6 @@ class Channel:
         words[self.read_word] = read + step
         current.done += step
         return current
-
-
-def pid_alive(pid: int) -> bool:
-    """Is process `pid` running (a zombie is not)?"""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            return f.read().rsplit(b")", 1)[1].split()[0] not in (b"Z", b"X")
-    except (OSError, IndexError):
-        return False
 
 
 class ShmTransport:

@@ -10,6 +10,8 @@ runtime.distributed.connect picks one by pipeline.transport.
 
 from __future__ import annotations
 
+import re
+import time
 from typing import Callable, Protocol
 
 from torch import Tensor
@@ -31,6 +33,54 @@ class PeerTimeout(RuntimeError):
 
 class Terminated(PeerTimeout):
     """The launcher ended this rank (SIGTERM), usually because a peer failed first."""
+
+
+# what gloo (or the OS under it) says when the other end of a connection went away
+_CONNECTION_LOST = ("closed by peer", "reset by peer", "broken pipe", "connection refused", "connection closed",
+                    "socket closed")
+SETTLE_S = 0.5  # a killed peer's sockets close a moment before its process is over: how long to look again
+
+
+def pid_alive(pid: int) -> bool:
+    """Is process `pid` running (a zombie is not)?"""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] not in (b"Z", b"X")
+    except (OSError, IndexError):
+        return False
+
+
+def gone_peers(pids: dict[int, int], settle_s: float = SETTLE_S) -> list[int]:
+    """The ranks of `pids` (rank -> pid, peers on this host) whose process has ended, looking again for up to
+    settle_s while none has (the caller saw a connection close)."""
+    deadline = time.monotonic() + settle_s
+    while True:
+        gone = [rank for rank, pid in pids.items() if not pid_alive(pid)]
+        if gone or time.monotonic() >= deadline:
+            return gone
+        time.sleep(0.01)
+
+
+def wait_failed(rank: int, what: str, err: Exception, timeout_s: float,
+                pids: dict[int, int] | None = None) -> PeerTimeout:
+    """The one-line PeerTimeout of a torch.distributed wait that raised `err` at `what`: a peer that is gone
+    (its connection closed; named with its pid where `pids` knows it) or no answer within dist.timeout_s.
+    `pids`: rank -> pid of the peers on this host, in the ranks the message names."""
+    lines = str(err).strip().splitlines() or [type(err).__name__]
+    reason = re.sub(r"^\[[^\]]*\]\s*", "", lines[0])  # gloo's source-file prefix
+    if any(words in reason.lower() for words in _CONNECTION_LOST):
+        reason = reason.split(". ")[0]  # what happened, without gloo's advice after it
+        gone = gone_peers(pids or {})
+        if gone:
+            who = " and ".join(f"rank {r} (pid {pids[r]})" for r in gone) + (" is" if len(gone) == 1 else " are")
+            error = PeerTimeout(f"rank {rank}: {who} gone at {what} ({reason})")
+        else:  # on another host, or a transport that does not know its peers' processes
+            error = PeerTimeout(f"rank {rank}: a peer is gone at {what} ({reason}); its own log says why")
+    else:  # a TimeoutError is our own wait's (distributed.wait_in_python): nothing to add
+        said = "" if isinstance(err, TimeoutError) else f" ({reason[-160:]})"
+        error = PeerTimeout(f"rank {rank}: no answer within {timeout_s:g} s (dist.timeout_s) at {what}{said}")
+    error.report.update(rank=rank, waiting_on=what)
+    return error
 
 
 def tag(kind: int, stage_index: int, mb_index: int, num_stages: int) -> int:

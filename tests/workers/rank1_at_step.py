@@ -3,7 +3,8 @@
     torchrun --standalone --nproc-per-node=2 tests/workers/rank1_at_step.py MODE STEP OVERRIDES...
 
 With train.log_every=1 every step ends in check_finite's all_reduce. MODE is what rank 1 does
-there: `stop` (SIGSTOP itself, so its peer times out inside a collective, not a receive), `bug`
+there: `stop` (SIGSTOP itself, so its peer times out inside a collective, not a receive), `kill`
+(SIGKILL itself: its peer's collective fails on the closed connection), `bug`
 (raise ZeroDivisionError) or `user_error` (raise a DataError, as a damaged file found by one
 rank would). It first says so on stderr. Patched here, not hooked in the library.
 """
@@ -19,8 +20,8 @@ from pipeline.training import trainer
 
 def misbehave(mode: str, step: int) -> None:
     print(f"rank 1: {mode} before the all_reduce of step {step}", file=sys.stderr, flush=True)
-    if mode == "stop":
-        os.kill(os.getpid(), signal.SIGSTOP)
+    if mode in ("stop", "kill"):
+        os.kill(os.getpid(), signal.SIGSTOP if mode == "stop" else signal.SIGKILL)
     elif mode == "bug":
         raise ZeroDivisionError("planted by the test")
     else:
