@@ -418,23 +418,24 @@ def _map_segments(comm: Comm, local: list[int], ring_bytes: int) -> shm.ShmTrans
     _NoSharedMemory (on every rank, with nothing left mapped) when any rank fails at either."""
     (rank,) = comm.local_ranks
     peers = [r for r in local if r != rank]
+    pids = comm.transports[rank].pids  # the P2P endpoint's, from the hosts' gather (_know_the_pids)
     size = shm.segment_bytes(len(peers), ring_bytes)
     own, fd, failed = None, -1, 0
     try:
         own, fd = shm.Segment.create(size, f"pipeline-rank{rank}")
     except OSError as err:
         failed = err.errno or errno.ENOMEM
-    where = _gather(comm, [os.getpid(), fd, size, failed], "shared-memory set-up (sharing out the shared memory)")
-    made = [r for r, (_, _, _, code) in enumerate(where) if code]
+    where = _gather(comm, [fd, size, failed], "shared-memory set-up (sharing out the shared memory)")
+    made = [r for r, (_, _, code) in enumerate(where) if code]
     if made:
         _unmap({rank: own} if own is not None else {}, fd)
-        r, code = made[0], where[made[0]][3]
-        raise _NoSharedMemory(f"rank {r} could not get {where[r][2] / 2**20:.1f} MiB of shared memory "
+        r, code = made[0], where[made[0]][2]
+        raise _NoSharedMemory(f"rank {r} could not get {where[r][1] / 2**20:.1f} MiB of shared memory "
                               f"({os.strerror(code)})", "free memory or use pipeline.transport=p2p")
     segments, failed_map = {rank: own}, [-1, 0]
     for peer in peers:
         try:
-            segments[peer] = shm.Segment.open(*where[peer][:3])
+            segments[peer] = shm.Segment.open(pids[peer], *where[peer][:2])
         except OSError as err:
             failed_map = [peer, err.errno or errno.EACCES]
     # every segment mapped where it can be
@@ -452,9 +453,8 @@ def _map_segments(comm: Comm, local: list[int], ring_bytes: int) -> shm.ShmTrans
 
     incoming = {src: shm.Channel(own, base(rank, src), ring_bytes) for src in peers}
     outgoing = {dst: shm.Channel(segments[dst], base(dst, rank), ring_bytes) for dst in peers}
-    pids = {r: where[r][0] for r in peers}
     spin_s = shm.SPIN_S if core_each(len(local)) else 0.0  # never poll on a shared core
-    return shm.ShmTransport(rank, comm.timeout_s, own, incoming, outgoing, segments, pids,
+    return shm.ShmTransport(rank, comm.timeout_s, own, incoming, outgoing, segments, dict(pids),
                             fallback=comm.transports[rank], spin_s=spin_s)
 
 

@@ -40,7 +40,7 @@ from typing import Callable
 
 import torch
 
-from pipeline.runtime.transport import PeerTimeout, pid_alive
+from pipeline.runtime.transport import PeerTimeout, gone_peers
 
 try:  # the hot path in C (setup.py builds it where a compiler is); the same protocol in Python otherwise
     from pipeline.runtime import _ring as native
@@ -446,10 +446,10 @@ class ShmTransport:
                 native.spin(self.own.address, bell, min(wake, start + self.spin_s) - now)
 
     def _check_alive(self, peers: list[int], what: str) -> None:
-        for peer in peers:
-            if not pid_alive(self.pids[peer]):
-                raise PeerTimeout(f"rank {self.rank}: rank {peer} (pid {self.pids[peer]}) is gone at {what} "
-                                  "(shared memory)")
+        gone = gone_peers({peer: self.pids[peer] for peer in peers}, settle_s=0.0)
+        if gone:
+            raise PeerTimeout(f"rank {self.rank}: rank {gone[0]} (pid {self.pids[gone[0]]}) is gone at {what} "
+                              "(shared memory)")
 
     def _describe_pending(self) -> str:
         pending = self.pending_sends()
