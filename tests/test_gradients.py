@@ -35,6 +35,16 @@ def objective_value(layers, x, y, loss_name, l2):
     return loss + objective.regulariser([layer.weight for layer in layers], l2)
 
 
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-14), (torch.float32, 1e-6)])
+def test_the_regulariser_is_lambda_half_the_sum_of_squared_entries(dtype, tol):
+    # s = lambda/2 sum_ij W_ij^2, here computed as vec(W) . vec(W); a transposed (non-contiguous) W too
+    g = torch.Generator().manual_seed(3)
+    weights = [torch.randn(40, 30, dtype=dtype, generator=g), torch.randn(30, 20, dtype=dtype, generator=g).T]
+    exact = 0.05 / 2 * sum(float((w.double() ** 2).sum()) for w in weights)
+    assert abs(float(objective.regulariser(weights, 0.05)) - exact) <= tol * exact
+    assert float(objective.regulariser([], 0.05)) == 0.0
+
+
 @pytest.mark.parametrize("loss_name", ["cross_entropy", "mse"])
 def test_finite_differences_on_a_tiny_net(loss_name):
     spec = MLPSpec((3, 4, 2), "tanh", True, "float64")

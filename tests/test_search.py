@@ -1,5 +1,7 @@
 """pipeline.schedule=search: greedy list schedules built from costs, held against every schedule of the registry."""
 
+import random
+
 import pytest
 
 from pipeline.config import compose
@@ -10,6 +12,7 @@ from pipeline.planning.plan import program_layout
 from pipeline.schedules.actions import Action
 from pipeline.schedules.lowering import fuse_backward, lower
 from pipeline.schedules.placement import looped, v_shape
+from pipeline.schedules import search
 from pipeline.schedules.search import greedy
 from pipeline.schedules.simulator import simulate, validate
 from pipeline.training.equivalence import difference, pipelined, problem, reference
@@ -47,6 +50,27 @@ def test_every_greedy_schedule_is_valid_and_keeps_its_limit(shape):
                 validate(schedule, placement, m)
                 validate(fuse_backward(lower(schedule, placement)), placement, m)
                 assert max(simulate(schedule, placement, m).peak_stash.values()) <= limit * per_rank
+
+
+def test_greedy_asks_again_only_the_ranks_an_action_feeds_and_builds_what_asking_every_rank_builds(monkeypatch):
+    # the greedy recomputes the choices of the rank that ran and of the rank its output feeds; asking every
+    # rank after every action (the plain list scheduler) must build the very same order, under uneven costs
+    # and message delays that make the ranks' ready times differ
+    rng = random.Random(7)
+    cases = []
+    for p in (2, 3, 4):
+        for placement in (looped(p), looped(p, 2), v_shape(p)):
+            for m in (3, 8):
+                cost = {(s, k): rng.uniform(0.5, 2.0) for s in range(placement.num_stages) for k in "FBW"}
+                delay = rng.uniform(0.0, 0.6)
+                for limit in (1, 2, m):
+                    cases.append((placement, m, lambda a, c=cost: c[(a.stage_index, a.kind)],
+                                  lambda a, d=delay: d, limit))
+    built = [greedy(*case) for case in cases]
+    every_rank = lambda placement, rank, action: set(range(placement.num_ranks))  # noqa: E731
+    monkeypatch.setattr(search, "_touched", every_rank)
+    assert [greedy(*case) for case in cases] == built
+    assert len({str(b) for b in built}) > len(cases) // 2  # the cases differ: the costs shape the orders
 
 
 def test_a_bad_limit_is_refused():

@@ -35,8 +35,8 @@ def loss_and_grad(name: str, o: Tensor, y: Tensor, batch_size: int) -> tuple[Ten
 
 
 def regulariser(weights: Iterable[Tensor], l2: float) -> Tensor:
-    """s = lambda/2 * sum ||W||_F^2 over weight matrices (biases are not regularised)."""
-    return l2 / 2 * sum((w * w).sum() for w in weights)
+    """s = lambda/2 * sum ||W||_F^2 over weight matrices (biases are not regularised); ||W||_F^2 = vec(W) . vec(W)."""
+    return l2 / 2 * sum(torch.dot(w.reshape(-1), w.reshape(-1)) for w in weights)
 
 
 def add_regulariser_grad(weights: Iterable[Tensor], l2: float) -> None:

@@ -134,14 +134,28 @@ def greedy(placement: Placement, num_microbatches: int, duration: Duration, tran
     for rank in ranks.values():
         rank.next_f = {s: 0 for s in rank.stages}
         rank.next_b = {s: 0 for s in rank.stages}
+    options = {r: _choices(rank, state, limit) for r, rank in ranks.items()}
+    earliest = {r: min(c[0] for c in opts) for r, opts in options.items() if opts}  # rank -> first ready time
     for _ in range(3 * num_microbatches * placement.num_stages):  # every action runs once
-        options = {r: _choices(rank, state, limit) for r, rank in ranks.items()}
-        movable = [(max(ranks[r].free_at, min(c[0] for c in opts)), r) for r, opts in options.items() if opts]
-        if not movable:  # cannot happen: a rank holding `limit` micro-batches always has one to move on
+        if not earliest:  # cannot happen: a rank holding `limit` micro-batches always has one to move on
             raise RuntimeError(f"greedy: no rank can move (limit {limit}); this is a bug")
-        _, r = min(movable)
-        _run(ranks[r], state, *_pick(ranks[r], options[r]))
+        _, r = min((max(ranks[r].free_at, t), r) for r, t in earliest.items())
+        start, action = _pick(ranks[r], options[r])
+        _run(ranks[r], state, start, action)
+        for touched in _touched(placement, r, action):  # the only ranks whose choices that action changed
+            options[touched] = _choices(ranks[touched], state, limit)
+            earliest.pop(touched, None)
+            if options[touched]:
+                earliest[touched] = min(c[0] for c in options[touched])
     return {r: rank.actions for r, rank in ranks.items()}
+
+
+def _touched(placement: Placement, rank: int, action: Action) -> set[int]:
+    """The ranks whose choices can change when `rank` runs `action`: its own, and those of the stages its
+    output feeds (F feeds the next stage's F, B the previous stage's B; W feeds nothing)."""
+    s, kind = action.stage_index, action.kind
+    feeds = s + 1 if kind == "F" else s - 1 if kind == "B" else -1
+    return {rank} | ({placement.rank_of(feeds)} if 0 <= feeds < placement.num_stages else set())
 
 
 def limits(placement: Placement, num_microbatches: int) -> range:

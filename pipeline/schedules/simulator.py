@@ -70,10 +70,16 @@ def _check_placement(schedule: Schedule, layout: _Layout) -> None:
         if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < layout.num_ranks:
             raise ScheduleError(f"unknown rank {rank!r}: ranks are 0..{layout.num_ranks - 1}",
                                 schedule)
-    for rank, position, action in _positions(schedule):
-        problem = _action_problem(rank, action, layout)
-        if problem:
-            raise ScheduleError(f"rank {rank}: {problem}", schedule, (rank, position))
+    kinds, m = set(COMPUTE_KINDS + COMM_KINDS), layout.num_microbatches
+    for rank in sorted(schedule):
+        own = set(layout.placement.stages_of(rank))
+        for position, action in enumerate(schedule[rank]):
+            if type(action) is Action and type(action.stage_index) is int and action.stage_index in own \
+                    and action.kind in kinds and type(action.mb_index) is int and 0 <= action.mb_index < m:
+                continue  # well formed and placed: the common case, checked without building a message
+            problem = _action_problem(rank, action, layout)
+            if problem:
+                raise ScheduleError(f"rank {rank}: {problem}", schedule, (rank, position))
 
 
 def _action_problem(rank: int, action: object, layout: _Layout) -> str:
