@@ -1,4 +1,5 @@
-"""The benchmark scripts' smallest runs: vs_builtin (both transports, each tool alone), quickstart, gpu_check, latency."""
+"""The benchmark scripts' smallest runs: vs_builtin (both transports, each tool alone), quickstart, gpu_check, latency,
+weight_grad."""
 
 from __future__ import annotations
 
@@ -275,3 +276,28 @@ def test_latency_bad_input_is_one_line_and_exit_code_2(argv):
                             text=True, timeout=60)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith("python benchmarks/latency.py: error: ")
+
+
+def test_weight_grad_times_the_layers_kernel_against_row_blocks_that_sum_the_same(tmp_path):
+    out = tmp_path / "w.json"
+    result = subprocess.run([sys.executable, "benchmarks/weight_grad.py", "--widths", "64,96", "--rows", "32,80",
+                             "--layers", "2", "--iters", "2", "--repeats", "2", "--dtype", "float64", "--json", str(out)],
+                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    rows = [[c.strip().strip("*") for c in line.strip("|").split("|")] for line in result.stdout.splitlines()
+            if line.startswith("| ") and line[2].isdigit()]
+    assert [(int(r[0]), int(r[1])) for r in rows] == [(64, 32), (64, 80), (96, 32), (96, 80)], result.stdout
+    shapes = json.loads(out.read_text())["shapes"]
+    for row, shape in zip(rows, shapes):
+        assert float(row[2]) > 0 and float(row[3]) > 0 and shape["one_call_s"] > 0
+        assert float(row[4].replace("*", "").split()[0]) == round(shape["ratio"], 2)
+        assert shape["ratio_range"][0] <= shape["ratio"] <= shape["ratio_range"][1]
+        assert shape["difference"] <= 1e-14  # the blocks sum what the layer's one call sums (float64)
+
+
+@pytest.mark.parametrize("argv", [["--rows", "0"], ["--widths", "8,x"], ["--repeats", "0"]])
+def test_weight_grad_bad_input_exits_2(argv):
+    result = subprocess.run([sys.executable, "benchmarks/weight_grad.py", *argv], cwd=ROOT, capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith("python benchmarks/weight_grad.py: error: ")
